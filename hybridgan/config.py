@@ -1,0 +1,277 @@
+"""Typed configuration: one dataclass tree, YAML files on top, dotted overrides on the command line.
+
+`load_config("configs/paper.yaml", ["train.batch_size=32"])` merges the YAML and the overrides into
+the schema below. OmegaConf rejects unknown keys and wrong types; `_check_ranges` rejects values out
+of range. Every failure is a `ConfigError` whose single line names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line naming it."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "smoke"
+    root: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class PackConfig:
+    """How `hybridgan.pack` turns a source of images into shards."""
+
+    source_size: int = 256
+    jpeg_quality: int = 95
+    shard_size: int = 1000
+    val_fraction: float = 1 / 30
+    test_fraction: float = 1 / 30
+    workers: int = 4
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how the loader reads them."""
+
+    shards: str = "shards/synthetic"
+    source: str = "synthetic:2000"
+    image_size: int = 128
+    crop_fraction: float = 0.9375
+    hflip: bool = True
+    shuffle_buffer: int = 1000
+    workers: int = 2
+    resampled: bool = False
+    samples_per_epoch: int = 0
+
+
+@dataclass
+class MaskConfig:
+    """The hole the generator fills, in the `data.image_size` frame."""
+
+    kind: str = "center"
+    hole_size: int = 64
+    min_box: int = 32
+    max_box: int = 64
+    strokes: int = 4
+    stroke_width: int = 10
+
+
+@dataclass
+class BlurConfig:
+    """Pretraining blur, in the 256x256 source frame (DESIGN.md)."""
+
+    top_left: int = 80
+    min_side: int = 64
+    max_side: int = 80
+    min_variance: float = 5.0
+    max_variance: float = 15.0
+
+
+@dataclass
+class GeneratorConfig:
+    base_channels: int = 64
+    bottleneck: int = 4000
+
+
+@dataclass
+class DiscriminatorConfig:
+    kind: str = "hybrid"
+    decoder_width: int = 32
+    resnet_weights: str = ""
+    pretrained: str = ""
+    from_scratch: bool = False
+    pathak_channels: int = 64
+
+
+@dataclass
+class LossConfig:
+    """Weights of eq. 1-6; `global_weight`/`pixel_weight` mix the hybrid D's two outputs."""
+
+    alpha: float = 0.999
+    beta: float = 0.001
+    gamma: float = 0.5
+    epsilon: float = 0.5
+    global_weight: float = 0.5
+    pixel_weight: float = 0.5
+
+
+@dataclass
+class StageConfig:
+    """One training stage (pretrain or train): optimisation, schedule of logs and checkpoints."""
+
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 8e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    max_steps: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    mixed_precision: str = "no"
+    channels_last: bool = False
+    compile: bool = False
+    cpu: bool = False
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    max_batches: int = 0
+    figure_rows: int = 6
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    blur: BlurConfig = field(default_factory=BlurConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pretrain: StageConfig = field(default_factory=StageConfig)
+    train: StageConfig = field(default_factory=lambda: StageConfig(epochs=15))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mask.kind": ("center", "random_box", "strokes"),
+    "discriminator.kind": ("hybrid", "pathak"),
+    "pretrain.mixed_precision": ("no", "fp16", "bf16"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+_POSITIVE = (
+    "data.image_size", "pack.source_size", "pack.shard_size", "pack.workers", "mask.hole_size",
+    "generator.base_channels", "generator.bottleneck", "discriminator.decoder_width",
+    "discriminator.pathak_channels", "pretrain.batch_size", "train.batch_size", "pretrain.lr",
+    "train.lr", "pretrain.log_every", "train.log_every", "pretrain.checkpoint_every",
+    "train.checkpoint_every", "pretrain.keep_checkpoints", "train.keep_checkpoints",
+    "eval.batch_size", "data.shuffle_buffer", "blur.min_side",
+)
+_NON_NEGATIVE = (
+    "pretrain.epochs", "train.epochs", "pretrain.max_steps", "train.max_steps", "data.workers",
+    "pretrain.eval_every", "train.eval_every", "data.samples_per_epoch", "eval.max_batches",
+    "loss.alpha", "loss.beta", "loss.gamma", "loss.epsilon", "loss.global_weight",
+    "loss.pixel_weight", "blur.min_variance", "blur.top_left",
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Raise ConfigError (message: key and value) for the first value outside its range."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    checks = [
+        ("pack.jpeg_quality", 1 <= cfg.pack.jpeg_quality <= 100, "must be in [1, 100]"),
+        ("pack.val_fraction", 0 <= cfg.pack.val_fraction < 1, "must be in [0, 1)"),
+        ("pack.test_fraction", 0 <= cfg.pack.val_fraction + cfg.pack.test_fraction < 1,
+         "plus pack.val_fraction must be < 1"),
+        ("data.crop_fraction", 0 < cfg.data.crop_fraction <= 1, "must be in (0, 1]"),
+        ("mask.hole_size", cfg.mask.hole_size < cfg.data.image_size,
+         f"must be smaller than data.image_size={cfg.data.image_size}"),
+        ("mask.max_box", cfg.mask.min_box <= cfg.mask.max_box < cfg.data.image_size,
+         "must satisfy mask.min_box <= mask.max_box < data.image_size"),
+        ("data.image_size", cfg.data.image_size % 16 == 0, "must be a multiple of 16"),
+        ("mask.hole_size", cfg.mask.hole_size % 4 == 0, "must be a multiple of 4"),
+        ("blur.max_side", cfg.blur.min_side <= cfg.blur.max_side, "must be >= blur.min_side"),
+        ("blur.max_side", cfg.blur.top_left + cfg.blur.max_side <= cfg.pack.source_size,
+         f"plus blur.top_left must fit in pack.source_size={cfg.pack.source_size}"),
+        ("blur.max_variance", cfg.blur.min_variance <= cfg.blur.max_variance,
+         "must be >= blur.min_variance"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} {why}")
+
+
+def _merge(base: Any, other: Any, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{origin}: key '{key}': {reason}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml.YAMLError and friends: name the file, keep one line
+            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        merged = _merge(merged, loaded, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    _check_ranges(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML; `load_config` of a file holding it gives back an equal Config."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (temp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config dataclass (for JSON exports next to weights)."""
+    return dataclasses.asdict(cfg)
+
+
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` and trailing `key=value` overrides, shared by every stage's CLI."""
+    parser.add_argument("--config", default="configs/smoke-cpu.yaml", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The validated Config named by parsed `add_config_arguments` arguments; exits on ConfigError."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None

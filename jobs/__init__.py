@@ -1,0 +1,1 @@
+"""Launchers: submitit jobs for single stages or the whole chain, on Slurm or locally."""

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment (.venv) and install the package into it.
+# Sourced by jobs/run.sh and tests/run.sh; safe to run again (pip runs only when pyproject changed).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${HYBRIDGAN_VENV:-$repo/.venv}"
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+stamp="$venv/.hybridgan-installed"
+want="$(cat "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing hybridgan and its dependencies into $venv (first time: a few minutes)" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip >&2
+  "$venv/bin/python" -m pip install -q -e "$repo[test]" >&2
+  echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+export VIRTUAL_ENV="$venv"
