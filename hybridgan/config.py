@@ -196,7 +196,8 @@ def _check_ranges(cfg: Config) -> None:
         ("data.crop_fraction", 0 < cfg.data.crop_fraction <= 1, "must be in (0, 1]"),
         ("mask.hole_size", cfg.mask.hole_size < cfg.data.image_size,
          f"must be smaller than data.image_size={cfg.data.image_size}"),
-        ("mask.max_box", cfg.mask.min_box <= cfg.mask.max_box < cfg.data.image_size,
+        ("mask.max_box", cfg.mask.kind != "random_box"
+         or cfg.mask.min_box <= cfg.mask.max_box < cfg.data.image_size,
          "must satisfy mask.min_box <= mask.max_box < data.image_size"),
         ("data.image_size", cfg.data.image_size % 16 == 0, "must be a multiple of 16"),
         ("mask.hole_size", cfg.mask.hole_size % 4 == 0, "must be a multiple of 4"),

@@ -1,0 +1,55 @@
+"""Model exports: a safetensors file that carries the resolved config it was trained with.
+
+`discriminator.safetensors` (pretraining) and `generator.safetensors` (GAN training) are plain
+safetensors files; their metadata holds `config` (the run's resolved YAML) and `model` (which
+network), so a file alone is enough to rebuild the network that fits its weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from hybridgan.config import Config, to_yaml
+
+
+class ExportError(ValueError):
+    """A missing, unreadable or mismatched export; the message names the file."""
+
+
+def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, cfg: Config, model: str) -> Path:
+    """Write `state_dict` to `path` atomically, with `cfg` and the model name in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"config": to_yaml(cfg), "model": model})
+    os.replace(tmp, path)
+    return path
+
+
+def load_export(path: str | Path, model: str) -> tuple[dict[str, torch.Tensor], Config]:
+    """Weights and config of an export; ExportError naming `path` when it is missing or not `model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: export not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{path}: not a readable safetensors file ({err})") from None
+    if metadata.get("model") != model:
+        raise ExportError(f"{path}: holds model {metadata.get('model')!r}, expected {model!r}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(metadata["config"]))
+        cfg = OmegaConf.to_object(merged)
+    except Exception as err:  # noqa: BLE001 - any defect of the metadata is the same one error
+        raise ExportError(f"{path}: config metadata unreadable ({err})") from None
+    assert isinstance(cfg, Config)
+    return state, cfg
