@@ -1,0 +1,74 @@
+"""The pretraining corruption (DESIGN.md): Gaussian-blur one square of the 256x256 source frame.
+
+The square's top-left corner is `(blur.top_left, blur.top_left)`, its side an integer drawn from
+`[blur.min_side, blur.max_side]`, and the Gaussian's variance is drawn uniformly from
+`[blur.min_variance, blur.max_variance]` (sigma = sqrt(variance)). The blur is an exact, separable,
+normalised Gaussian kernel of radius ceil(3 sigma) with reflect padding, computed over the square plus
+that radius of context (equal to blurring the whole image), and only the square is pasted back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hybridgan.config import BlurConfig
+
+Box = tuple[int, int, int]  # (top, left, side) in pixels
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """The normalised 1-D Gaussian of standard deviation `sigma` on [-ceil(3 sigma), ceil(3 sigma)]."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-(x**2) / (2 * sigma**2))
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def _convolve(array: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
+    """`array` convolved with `kernel` along `axis`, trimmed to 'valid' (shrinks by len-1)."""
+    n = array.shape[axis] - len(kernel) + 1
+    out = np.zeros(array.shape[:axis] + (n,) + array.shape[axis + 1:], dtype=np.float32)
+    for i, weight in enumerate(kernel):
+        out += weight * np.take(array, np.arange(i, i + n), axis=axis)
+    return out
+
+
+def gaussian_blur_region(image: np.ndarray, box: Box, sigma: float) -> np.ndarray:
+    """The blurred pixels of `box` in `image` (HxWxC uint8), as uint8 [side, side, C]."""
+    top, left, side = box
+    kernel = gaussian_kernel(sigma)
+    radius = len(kernel) // 2
+    height, width = image.shape[:2]
+    # Context of `radius` pixels around the square; reflect-pad only where it leaves the image.
+    y0, y1 = max(0, top - radius), min(height, top + side + radius)
+    x0, x1 = max(0, left - radius), min(width, left + side + radius)
+    pads = ((radius - (top - y0), radius - (y1 - top - side)),
+            (radius - (left - x0), radius - (x1 - left - side)), (0, 0))
+    region = np.pad(image[y0:y1, x0:x1].astype(np.float32), pads, mode="reflect")
+    blurred = _convolve(_convolve(region, kernel, 0), kernel, 1)
+    return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
+
+
+def blur_square(image: np.ndarray, rng: np.random.Generator, cfg: BlurConfig) -> tuple[np.ndarray, Box]:
+    """`image` (HxWx3 uint8, the source frame) with one square blurred; also the square's box."""
+    side = int(rng.integers(cfg.min_side, cfg.max_side + 1))
+    sigma = math.sqrt(rng.uniform(cfg.min_variance, cfg.max_variance))
+    top = left = cfg.top_left
+    if top + side > image.shape[0] or left + side > image.shape[1]:
+        raise ValueError(f"blur square at {top},{left} of side {side} leaves the {image.shape[0]}x"
+                         f"{image.shape[1]} image")
+    box = (top, left, side)
+    blurred = image.copy()
+    if sigma > 0:
+        blurred[top:top + side, left:left + side] = gaussian_blur_region(image, box, sigma)
+    return blurred, box
+
+
+def blur_target(size: int, box: Box) -> np.ndarray:
+    """The per-pixel target of the U-Net head: float32 [size, size], 0 inside `box`, 1 elsewhere."""
+    top, left, side = box
+    target = np.ones((size, size), dtype=np.float32)
+    target[top:top + side, left:left + side] = 0.0
+    return target
