@@ -1,0 +1,288 @@
+"""The training core shared by `pretrain` and `train`: everything a loop needs that is not the model.
+
+A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
+- the Accelerator (CPU, one or many GPUs, many nodes, DeepSpeed: whatever `accelerate launch` set up;
+  `mixed_precision` from the stage config),
+- the resolved config (`config.yaml`; a re-run with a different config is refused, naming the keys),
+- resume: re-running the same command loads `checkpoints/latest` and continues from its step,
+- checkpoints every `checkpoint_every` steps (and on SIGTERM/SIGUSR1, then exit code 75 so that a
+  scheduler requeues and the re-run resumes), keeping the last `keep_checkpoints`,
+- the NaN guard: a non-finite loss stops the run with one line naming the step and the loss, and
+  the last good checkpoint stays the latest,
+- rank-0-only metrics (`metrics.jsonl`, TensorBoard) and the progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from hybridgan.checkpoint import CheckpointManager
+from hybridgan.config import Config, StageConfig, save_config, to_yaml
+from hybridgan.tracking import MetricsLogger
+
+EXIT_REQUEUE = 75
+"""Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): not done, re-run to resume."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, mismatched run folder); one line names the cause."""
+
+
+@dataclass
+class TrainState:
+    """Where a stage is; checkpointed with the models so that a resume knows its step."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+class TrainingSession:
+    """Accelerator + run folder + checkpoints + signals + metrics for one training stage."""
+
+    def __init__(self, cfg: Config, stage: str, stage_cfg: StageConfig) -> None:
+        self.cfg = cfg
+        self.stage_cfg = stage_cfg
+        self.dir = Path(cfg.run.root) / cfg.run.name / stage
+        cpu = stage_cfg.cpu or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=stage_cfg.mixed_precision)
+        set_seed(cfg.run.seed, device_specific=False)
+        self.state = TrainState()
+        self.accelerator.register_for_checkpointing(self.state)
+        self.checkpoints = CheckpointManager(self.accelerator, self.dir, stage_cfg.keep_checkpoints)
+        self.logger = MetricsLogger(self.dir, enabled=False)
+        self._stop_signal: int | None = None
+        self._pending_losses: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self._bar: tqdm | None = None
+        if self.is_main:
+            self._write_config()
+        self.accelerator.wait_for_everyone()
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def print(self, *args: Any) -> None:
+        """Print on the main process only."""
+        self.accelerator.print(*args)
+
+    def _write_config(self) -> None:
+        path = self.dir / "config.yaml"
+        if path.is_file():
+            old = OmegaConf.create(path.read_text())
+            new = OmegaConf.create(to_yaml(self.cfg))
+            changed = _changed_keys(OmegaConf.to_container(old), OmegaConf.to_container(new))
+            if changed:
+                raise TrainingError(
+                    f"{path}: this run folder was started with a different config "
+                    f"({', '.join(changed)}); resume with the same settings or choose another run.name")
+            return
+        save_config(self.cfg, path)
+
+    def start(self, total_steps: int, steps_per_epoch: int,
+              on_epoch_end: Callable[[int], None], on_eval: Callable[[], None] | None = None) -> int:
+        """Resume from the latest checkpoint if there is one; start metrics and signals; returns the step.
+
+        `on_epoch_end(epoch)` runs on every rank after the last step of each epoch and `on_eval()`
+        every `eval_every` steps, both before that step's checkpoint, so a resumed run never misses
+        an epoch's record.
+        """
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self._on_epoch_end = on_epoch_end
+        self._on_eval = on_eval
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            self.checkpoints.load(latest)
+            self.print(f"resumed {self.dir} from {latest.name} (step {self.state.step})")
+        self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+        if self.is_main:
+            self._bar = tqdm(total=total_steps, initial=self.state.step, desc=self.dir.name,
+                             dynamic_ncols=True, file=sys.stderr)
+        return self.state.step
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def batches(self, loader_for_epoch: Callable[[int], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
+        """(epoch, batch) pairs from the resumed step to `total_steps`, `steps_per_epoch` per epoch.
+
+        A resumed epoch replays its loader from the start and skips the batches already trained:
+        the loader is a pure function of (seed, epoch, rank), so the run continues on exactly the
+        batches an uninterrupted run would have seen.
+        """
+        while self.state.step < self.total_steps:
+            epoch = self.state.step // self.steps_per_epoch
+            skip = self.state.step - epoch * self.steps_per_epoch
+            for index, batch in enumerate(loader_for_epoch(epoch)):
+                if index >= self.steps_per_epoch or self.state.step >= self.total_steps:
+                    break
+                if index >= skip:
+                    yield epoch, batch
+            if self.state.step < (epoch + 1) * self.steps_per_epoch and self.state.step < self.total_steps:
+                raise TrainingError(
+                    f"epoch {epoch}: the loader ran out after {self.state.step - epoch * self.steps_per_epoch}"
+                    f" of {self.steps_per_epoch} batches")
+
+    def end_step(self, epoch: int, losses: dict[str, torch.Tensor]) -> None:
+        """Count one optimisation step; log, check for NaN, checkpoint and honour signals as due.
+
+        `losses` are detached device tensors: they are read back (a host-device sync) only every
+        `log_every` steps, at checkpoints and on stop, never on every step.
+        """
+        self.state.step += 1
+        self._pending_losses.append((self.state.step, losses))
+        if self._bar is not None:
+            self._bar.update(1)
+        step, every = self.state.step, self.stage_cfg
+        epoch_done = step % self.steps_per_epoch == 0 or step == self.total_steps
+        checkpoint_due = step % every.checkpoint_every == 0 or epoch_done
+        if step % every.log_every == 0 or checkpoint_due:
+            self.flush_losses(epoch)
+        if self._on_eval is not None and every.eval_every and step % every.eval_every == 0:
+            self._on_eval()
+        if epoch_done:
+            self._on_epoch_end(epoch)
+        if checkpoint_due:
+            self.checkpoint()
+        if self._stop_requested():
+            self.flush_losses(epoch)
+            self.checkpoint()
+            self.print(f"signal {self._stop_signal}: checkpointed {self.dir} at step {step}; "
+                       f"re-run the same command to resume")
+            self.close()
+            sys.exit(EXIT_REQUEUE)
+
+    def flush_losses(self, epoch: int) -> dict[str, float]:
+        """Read back the losses since the last flush; raise TrainingError on the first non-finite one."""
+        if not self._pending_losses:
+            return {}
+        steps = [step for step, _ in self._pending_losses]
+        names = list(self._pending_losses[0][1])
+        stacked = torch.stack([torch.stack([losses[n].float() for n in names])
+                               for _, losses in self._pending_losses]).cpu()
+        self._pending_losses.clear()
+        finite = torch.isfinite(stacked)
+        if not bool(finite.all()):
+            row, col = (~finite).nonzero()[0].tolist()
+            self.close()
+            raise TrainingError(
+                f"step {steps[row]}: {names[col]} is {stacked[row, col].item()}; stopped, the last good "
+                f"checkpoint in {self.checkpoints.dir} is kept")
+        means = dict(zip(names, stacked.mean(dim=0).tolist()))
+        self.logger.scalars("train", steps[-1], epoch, means)
+        if self._bar is not None:
+            self._bar.set_postfix({n: f"{v:.4f}" for n, v in means.items()}, refresh=False)
+        return means
+
+    def _stop_requested(self) -> bool:
+        """True on every rank when any rank got SIGTERM/SIGUSR1 (checked every step alone, else at log steps)."""
+        if self.world_size == 1:
+            return self._stop_signal is not None
+        if self.state.step % self.stage_cfg.log_every != 0:
+            return False
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return flag.item() > 0
+
+    def checkpoint(self) -> Path:
+        """Save a checkpoint of the current step (all ranks must call it)."""
+        return self.checkpoints.save(self.state.step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.logger.close()
+
+    def finish(self) -> None:
+        """Final checkpoint (if the last step has none yet) and close."""
+        latest = self.checkpoints.latest()
+        if latest is None or latest.name != f"step-{self.state.step:08d}":
+            self.checkpoint()
+        self.close()
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def build_adam(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.optim.Adam:
+    """Adam with the stage's lr and betas; fused on CUDA where PyTorch offers it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = torch.cuda.is_available() and not stage_cfg.cpu
+    return torch.optim.Adam(params, lr=stage_cfg.lr, betas=tuple(stage_cfg.betas), fused=fused or None)
+
+
+def speed_up(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.nn.Module:
+    """channels_last memory format and torch.compile, as the stage config asks."""
+    if stage_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if stage_cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+def run_stage(session: TrainingSession, steps_per_epoch: int,
+              step: Callable[[dict], dict[str, torch.Tensor]], on_epoch_end: Callable[[int], None],
+              loader_for_epoch: Callable[[int], Iterable[Any]], on_eval: Callable[[], None] | None = None) -> None:
+    """The loop both stages share: `epochs` x `steps_per_epoch` steps (or `max_steps`), resumable."""
+    stage_cfg = session.stage_cfg
+    if steps_per_epoch < 1:
+        raise TrainingError(f"{session.cfg.data.shards}: too few training images for one batch of "
+                            f"{stage_cfg.batch_size} per rank on {session.world_size} rank(s)")
+    total = stage_cfg.epochs * steps_per_epoch
+    if stage_cfg.max_steps:
+        total = min(total, stage_cfg.max_steps)
+    session.start(total, steps_per_epoch, on_epoch_end, on_eval)
+    for epoch, batch in session.batches(loader_for_epoch):
+        session.end_step(epoch, step(batch))
+
+
+def run_stage_cli(stage: Callable[[Config], Any], cfg: Config) -> None:
+    """Run a stage from the command line: a known failure is one line on stderr and exit code 1.
+
+    Set HYBRIDGAN_DEBUG=1 to get the full traceback instead.
+    """
+    try:
+        stage(cfg)
+    except (TrainingError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("HYBRIDGAN_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

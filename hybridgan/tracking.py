@@ -1,0 +1,75 @@
+"""Rank-0 metrics: `metrics.jsonl` (one JSON object per record) and TensorBoard events under `tb/`.
+
+Records carry `step`, `epoch` and `split` ("train", "epoch", "val", "test") plus scalars; the same
+scalars go to TensorBoard as `<split>/<name>`. On resume from step N, records after N (steps that
+will be trained again) are dropped from `metrics.jsonl` and TensorBoard purges them likewise, so
+every number in the run folder belongs to the weights that the checkpoints hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+
+class MetricsLogger:
+    """Writes metrics and images when `enabled` (the main process); a no-op on other ranks."""
+
+    def __init__(self, stage_dir: Path, enabled: bool, resume_step: int = 0) -> None:
+        self.enabled = enabled
+        self.path = stage_dir / "metrics.jsonl"
+        self.writer: SummaryWriter | None = None
+        if not enabled:
+            return
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_records_after(resume_step)
+        purge = resume_step + 1 if resume_step > 0 else None
+        self.writer = SummaryWriter(log_dir=str(stage_dir / "tb"), purge_step=purge)
+
+    def _drop_records_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def scalars(self, split: str, step: int, epoch: int, values: dict[str, float]) -> None:
+        """Append one record and its TensorBoard scalars."""
+        if not self.enabled:
+            return
+        record: dict[str, Any] = {"step": step, "epoch": epoch, "split": split}
+        record.update({name: _json_number(value) for name, value in values.items()})
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        assert self.writer is not None
+        for name, value in values.items():
+            self.writer.add_scalar(f"{split}/{name}", value, step)
+
+    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        """Log a [3, H, W] image in [0, 1] to TensorBoard."""
+        if self.enabled:
+            assert self.writer is not None
+            self.writer.add_image(tag, grid.clamp(0, 1), step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            assert self.writer is not None
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _json_number(value: float) -> float | str:
+    """JSON has no NaN/inf: write them as strings so the file stays valid JSON."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
