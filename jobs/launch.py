@@ -1,0 +1,128 @@
+"""The one place that renders the `accelerate launch` line of a (multi-node) training job.
+
+The sbatch templates run it once per node through `srun`:
+
+    srun --ntasks-per-node=1 python -m jobs.launch --module hybridgan.train -- --config FILE ...
+
+With no flags it reads the Slurm variables of the task (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST,
+SLURM_JOB_ID) and the template's (GPUS_PER_NODE, ACCELERATE_CONFIG, MAIN_PORT), prints the exact
+command with a `[launch]` prefix, then replaces itself with it (`--dry-run` only prints).
+`GPUS_PER_NODE=0` is the CPU mode: one process per node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_PORT = 29500
+
+
+def accelerate_command(
+    nnodes: int,
+    node_rank: int | str,
+    main_ip: str,
+    port: int,
+    gpus_per_node: int,
+    module: str,
+    args: list[str],
+    accelerate_config: str | None = None,
+) -> list[str]:
+    """The argv of `accelerate launch` for one node of an `nnodes` x `gpus_per_node` job.
+
+    `gpus_per_node=0` runs one CPU process per node. Without `accelerate_config` the distributed
+    type is decided here (`--multi_gpu` when more than one process in all, which Accelerate turns into
+    MULTI_CPU when the script asks for the CPU); with it, the file decides (DeepSpeed, FSDP ...) and
+    only the topology comes from the arguments. `node_rank` may be a string such as "$SLURM_NODEID"
+    to render a template for display.
+    """
+    if nnodes < 1 or gpus_per_node < 0:
+        raise ValueError(f"nnodes={nnodes} must be >= 1 and gpus_per_node={gpus_per_node} >= 0")
+    num_processes = nnodes * max(gpus_per_node, 1)
+    cmd = ["accelerate", "launch"]
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    elif num_processes > 1:
+        cmd += ["--multi_gpu"]
+    cmd += ["--num_processes", str(num_processes), "--num_machines", str(nnodes)]
+    if nnodes > 1:
+        cmd += ["--machine_rank", str(node_rank), "--main_process_ip", main_ip]
+    if num_processes > 1:
+        cmd += ["--main_process_port", str(port)]
+    if not accelerate_config:
+        # Explicit values instead of Accelerate's "defaults were used" warning; the stage's own
+        # config (train.mixed_precision) is what the Accelerator is built with.
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + ["-m", module, *args]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host name of a Slurm node list ("gpu[01-04]" -> "gpu01"), via scontrol."""
+    if not nodelist:
+        return "127.0.0.1"
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+    ).stdout.split()
+    return out[0]
+
+
+def job_port(job_id: str | None) -> int:
+    """A port per job (29500 + job id mod 1000), so two jobs sharing a node do not collide."""
+    return DEFAULT_PORT + int(job_id) % 1000 if job_id and job_id.isdigit() else DEFAULT_PORT
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"launch: {name}={value!r} is not an integer") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.launch",
+        description="Render (and exec) the accelerate launch line of this Slurm task.",
+    )
+    p.add_argument("--module", required=True, help="module to launch, e.g. hybridgan.train")
+    p.add_argument("--nnodes", type=int, default=_env_int("SLURM_NNODES", 1))
+    p.add_argument("--node-rank", default=env.get("SLURM_NODEID", "0"))
+    p.add_argument("--main-ip", default=None, help="default: first host of SLURM_JOB_NODELIST")
+    p.add_argument("--port", type=int, default=_env_int("MAIN_PORT", job_port(env.get("SLURM_JOB_ID"))))
+    p.add_argument(
+        "--gpus-per-node", type=int,
+        default=_env_int("GPUS_PER_NODE", _env_int("SLURM_GPUS_ON_NODE", 0)),
+    )
+    p.add_argument("--accelerate-config", default=env.get("ACCELERATE_CONFIG") or None)
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the module's arguments")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = _parser().parse_args(argv)
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if a.accelerate_config and not Path(a.accelerate_config).is_file():
+        raise SystemExit(f"launch: ACCELERATE_CONFIG={a.accelerate_config}: file not found")
+    main_ip = a.main_ip or first_host(os.environ.get("SLURM_JOB_NODELIST", ""))
+    try:
+        cmd = accelerate_command(
+            a.nnodes, a.node_rank, main_ip, a.port, a.gpus_per_node, a.module, args, a.accelerate_config
+        )
+    except ValueError as err:
+        raise SystemExit(f"launch: {err}") from None
+    print(f"[launch] node {a.node_rank}/{a.nnodes}: {shlex.join(cmd)}", flush=True)
+    if not a.dry_run:
+        sys.stderr.flush()
+        os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

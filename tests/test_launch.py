@@ -1,0 +1,89 @@
+"""The multi-node `accelerate launch` line rendered by jobs.launch (no Slurm needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.launch import accelerate_command, job_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_four_nodes_of_eight_gpus() -> None:
+    cmd = accelerate_command(
+        nnodes=4, node_rank=2, main_ip="gpu01", port=29517, gpus_per_node=8,
+        module="hybridgan.train", args=["--config", "configs/paper.yaml", "run.name=big"],
+        accelerate_config="configs/accelerate/multi-node.yaml",
+    )
+    assert cmd[:2] == ["accelerate", "launch"]
+    assert _flag(cmd, "--config_file") == "configs/accelerate/multi-node.yaml"
+    assert _flag(cmd, "--num_processes") == "32"
+    assert _flag(cmd, "--num_machines") == "4"
+    assert _flag(cmd, "--machine_rank") == "2"
+    assert _flag(cmd, "--main_process_ip") == "gpu01"
+    assert _flag(cmd, "--main_process_port") == "29517"
+    # The config file decides the distributed type; the module and its arguments come last, intact.
+    assert "--multi_gpu" not in cmd and "--mixed_precision" not in cmd
+    assert cmd[-5:] == ["-m", "hybridgan.train", "--config", "configs/paper.yaml", "run.name=big"]
+
+
+def test_multi_node_without_config_file_is_multi_gpu() -> None:
+    cmd = accelerate_command(4, "$SLURM_NODEID", "gpu01", 29500, 8, "hybridgan.pretrain", [])
+    assert cmd == [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", "32", "--num_machines", "4",
+        "--machine_rank", "$SLURM_NODEID", "--main_process_ip", "gpu01", "--main_process_port", "29500",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hybridgan.pretrain",
+    ]
+
+
+def test_cpu_mode_is_one_process_on_one_machine() -> None:
+    cmd = accelerate_command(1, 0, "vm", 29500, 0, "hybridgan.train", ["train.cpu=true"])
+    assert cmd == [
+        "accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hybridgan.train", "train.cpu=true",
+    ]
+
+
+def test_bad_topology_is_rejected() -> None:
+    with pytest.raises(ValueError, match="nnodes=0"):
+        accelerate_command(0, 0, "x", 1, 8, "m", [])
+
+
+def test_port_follows_job_id() -> None:
+    assert job_port("123456") == 29500 + 456
+    assert job_port(None) == 29500
+
+
+def test_cli_reads_slurm_variables(tmp_path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin", "SLURM_NNODES": "4", "SLURM_NODEID": "3", "SLURM_JOB_ID": "1042",
+        "GPUS_PER_NODE": "8",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.launch", "--dry-run", "--main-ip", "gpu07", "--module",
+         "hybridgan.train", "--", "--config", "c.yaml"],
+        env=env, cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.strip() == (
+        "[launch] node 3/4: accelerate launch --multi_gpu --num_processes 32 --num_machines 4 "
+        "--machine_rank 3 --main_process_ip gpu07 --main_process_port 29542 --mixed_precision no "
+        "--dynamo_backend no -m hybridgan.train --config c.yaml"
+    )
+
+
+def test_cli_missing_accelerate_config_is_one_line(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.launch", "--dry-run", "--accelerate-config",
+         str(tmp_path / "nope.yaml"), "--module", "m"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"launch: ACCELERATE_CONFIG={tmp_path / 'nope.yaml'}: file not found"
