@@ -1,0 +1,188 @@
+"""Hole metrics on hand-made cases, mean-colour fill, and the report tables from hand-written logs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridgan.metrics import (
+    METRICS, PSNR_CEILING, HoleMetrics, hole_box, hole_metrics, mean_fill,
+)
+from hybridgan.report import markdown_table, read_metrics, table1, table2, ReportError
+
+
+def centre_mask(batch: int, size: int, hole: int) -> torch.Tensor:
+    mask = torch.zeros(batch, 1, size, size)
+    start = (size - hole) // 2
+    mask[:, :, start:start + hole, start:start + hole] = 1.0
+    return mask
+
+
+def faces(batch: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Smooth random images in [-1, 1] with some texture (upsampled noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, size // 4, size // 4, generator=gen)
+    fine = torch.rand(batch, 3, size, size, generator=gen)
+    image = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False) * 0.7 + fine * 0.3
+    return image * 2 - 1
+
+
+def test_identical_images_hit_the_ceiling():
+    image, mask = faces(), centre_mask(4, 32, 16)
+    values = hole_metrics(image, image.clone(), mask)
+    assert set(values) == set(METRICS) == {"psnr", "ssim", "l1", "l2", "sharpness"}
+    assert torch.equal(values["psnr"], torch.full((4,), PSNR_CEILING))
+    assert torch.allclose(values["ssim"], torch.ones(4), atol=1e-5)
+    assert torch.equal(values["l1"], torch.zeros(4)) and torch.equal(values["l2"], torch.zeros(4))
+    assert torch.allclose(values["sharpness"], torch.ones(4))
+
+
+def test_gaussian_noise_gives_the_expected_psnr():
+    gen = torch.Generator().manual_seed(1)
+    target01 = 0.25 + 0.5 * torch.rand(2, 3, 64, 64, generator=gen)  # noise never clips
+    sigma = 0.05
+    pred01 = target01 + sigma * torch.randn(2, 3, 64, 64, generator=gen)
+    values = hole_metrics(pred01 * 2 - 1, target01 * 2 - 1, centre_mask(2, 64, 32))
+    expected = -10 * math.log10(sigma ** 2)  # 26.02 dB
+    assert values["psnr"].tolist() == pytest.approx([expected] * 2, abs=0.4)
+    assert values["l2"].tolist() == pytest.approx([sigma ** 2] * 2, rel=0.1)
+    # For a box hole PSNR and L2 are the same measurement.
+    assert torch.allclose(values["psnr"], -10 * torch.log10(values["l2"]), atol=1e-3)
+    assert values["l1"].tolist() == pytest.approx([sigma * math.sqrt(2 / math.pi)] * 2, rel=0.1)
+    assert (values["ssim"] < 0.95).all() and (values["ssim"] > 0).all()
+
+
+def test_pixels_outside_the_hole_do_not_count():
+    target, mask = faces(seed=2), centre_mask(4, 32, 16)
+    pred = target + 0.1 * torch.randn(target.shape, generator=torch.Generator().manual_seed(3))
+    before = hole_metrics(pred, target, mask)
+    garbage = torch.rand(pred.shape) * 2 - 1
+    after = hole_metrics(pred * mask + garbage * (1 - mask), target, mask)
+    for name in METRICS:
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_per_image_boxes_for_random_holes():
+    target = faces(batch=2, seed=4)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, :, 2:14, 4:20] = 1  # 12 x 16
+    mask[1, :, 20:24, 20:24] = 1  # 4 x 4, grown to the SSIM window
+    assert hole_box(mask[0]) == (2, 4, 12, 16)
+    assert hole_box(mask[1]) == (16, 16, 11, 11)
+    pred = target.clone()
+    pred[0] += 0.2 * mask[0]  # only image 0 changes, inside its hole
+    values = hole_metrics(pred.clamp(-1, 1), target, mask)
+    assert values["psnr"][1] == PSNR_CEILING and values["psnr"][0] < 40
+    assert values["l1"][1] == 0 and values["l1"][0] > 0
+
+
+def test_blurred_hole_is_less_sharp():
+    target, mask = faces(seed=5), centre_mask(4, 32, 16)
+    kernel = torch.ones(3, 1, 5, 5) / 25
+    blurred = F.conv2d(F.pad(target, (2, 2, 2, 2), mode="replicate"), kernel, groups=3)
+    values = hole_metrics(target * (1 - mask) + blurred * mask, target, mask)
+    assert (values["sharpness"] < 0.5).all()
+    assert (values["psnr"] < PSNR_CEILING).all()
+
+
+def test_mean_fill():
+    image = faces(batch=2, seed=6)
+    mask = centre_mask(2, 32, 16)
+    filled = mean_fill(image * (1 - mask), mask)
+    known = (1 - mask).bool().expand_as(image)
+    assert torch.equal(filled[known], image[known])
+    for b in range(2):
+        expected = image[b][known[b]].view(3, -1).mean(dim=1)
+        assert torch.allclose(filled[b, :, 16, 16], expected, atol=1e-6)
+        assert torch.allclose(filled[b, :, 8:24, 8:24], expected.view(3, 1, 1).expand(3, 16, 16))
+    # A flat-coloured hole has no high frequencies: the mean fill is maximally blurry.
+    values = hole_metrics(filled, image, mask)
+    assert (values["sharpness"] < 0.01).all()
+
+
+def test_hole_metrics_accumulator():
+    tracker = HoleMetrics()
+    target, mask = faces(seed=7), centre_mask(4, 32, 16)
+    tracker.update(target, target, mask)
+    tracker.add(hole_metrics((target + 0.2 * mask).clamp(-1, 1), target, mask))
+    summary = tracker.compute()
+    assert summary["n"] == 8
+    assert tracker.per_image()["psnr"][:4].tolist() == [PSNR_CEILING] * 4
+    assert 0 < summary["l1"] < 0.1 and summary["psnr"] < PSNR_CEILING
+    assert HoleMetrics().compute() == {"n": 0}
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shapes do not match"):
+        hole_metrics(faces(), faces(batch=2), centre_mask(4, 32, 16))
+
+
+# --- report tables -----------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_markdown_table():
+    assert markdown_table(["a", "b"], [[1, "x"], ["2", "y"]]) == (
+        "| a | b |\n| --- | --- |\n| 1 | x |\n| 2 | y |\n"
+    )
+
+
+def test_table1(tmp_path):
+    records = [
+        {"step": 10, "epoch": 1, "split": "train", "loss": 0.5},
+        {"step": 20, "epoch": 1, "split": "test", "test_loss": 0.0131, "test_accuracy": 0.9912},
+        {"step": 40, "epoch": 2, "split": "test", "test_loss": 0.02, "test_accuracy": 0.9},
+        {"step": 40, "epoch": 2, "split": "test", "test_loss": 0.008, "test_accuracy": 0.995},
+        {"step": 60, "epoch": 3, "split": "test", "test_loss": 0.00712, "test_accuracy": 1.0},
+    ]
+    stage = write_jsonl(tmp_path / "pretrain", records)
+    assert len(read_metrics(stage)) == 5
+    assert table1(stage) == (
+        "| epoch | test loss | test accuracy |\n| --- | --- | --- |\n"
+        "| 1 | 0.0131 | 99.1% |\n| 2 | 0.008 | 99.5% |\n| 3 | 0.00712 | 100.0% |\n"
+    )
+
+
+def test_table2_matches_the_papers_layout(tmp_path):
+    pathak = [(11, 0.999, 0.196, 0.0013), (12, 0.999, 0.194, 0.0013), (13, 0.999, 0.191, 0.0012)]
+    hybrid = [(11, 0.322, 0.149, 0.241), (12, 0.321, 0.147, 0.246), (13, 0.328, 0.136, 0.238)]
+
+    def records(rows):
+        early = [{"step": 1, "epoch": 10, "split": "epoch", "gen_adv_loss": 9, "gen_pixel_loss": 9,
+                  "disc_loss": 9}, {"step": 2, "epoch": 13, "split": "train", "gen_adv_loss": 5}]
+        return early + [{"step": e * 10, "epoch": e, "split": "epoch", "gen_adv_loss": a,
+                         "gen_pixel_loss": p, "disc_loss": d} for e, a, p, d in rows]
+
+    hybrid_dir = write_jsonl(tmp_path / "train-hybrid", records(hybrid))
+    pathak_dir = write_jsonl(tmp_path / "train-pathak", records(pathak))
+    lines = table2(hybrid_dir, pathak_dir).splitlines()
+    assert lines[0] == ("| epoch | Pathak gen_adv_loss | Pathak gen_pixel_loss | Pathak disc_loss "
+                        "| hybrid gen_adv_loss | hybrid gen_pixel_loss | hybrid disc_loss |")
+    assert lines[2:] == [
+        "| 11 | 0.999 | 0.196 | 0.0013 | 0.322 (-68%) | 0.149 (-24%) | 0.241 |",
+        "| 12 | 0.999 | 0.194 | 0.0013 | 0.321 (-68%) | 0.147 (-24%) | 0.246 |",
+        "| 13 | 0.999 | 0.191 | 0.0012 | 0.328 (-67%) | 0.136 (-29%) | 0.238 |",
+    ]
+
+
+def test_report_errors_name_the_file(tmp_path):
+    with pytest.raises(ReportError, match="metrics.jsonl"):
+        read_metrics(tmp_path / "nowhere")
+    stage = write_jsonl(tmp_path / "pretrain", [{"step": 1, "epoch": 1, "split": "train"}])
+    with pytest.raises(ReportError, match="no records with split 'test'"):
+        table1(stage)
+    (stage / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ReportError, match="metrics.jsonl:2"):
+        read_metrics(stage)
+    (stage / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "spl')  # killed mid-write
+    assert read_metrics(stage) == [{"step": 1}]
