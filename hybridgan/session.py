@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -41,15 +41,26 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Where a stage is; checkpointed with the models so that a resume knows its step."""
+    """Where a stage is, checkpointed with the models: the step, and the running sums of the
+    current epoch's losses (so that an epoch's means are exact even across a resume)."""
 
     step: int = 0
+    epoch_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch_steps: int = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.epoch_sums[name] = self.epoch_sums.get(name, 0.0) + value.float()
+        self.epoch_steps += 1
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch_steps": self.epoch_steps,
+                "epoch_sums": {name: value.cpu() for name, value in self.epoch_sums.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.epoch_steps = int(state["epoch_steps"])
+        self.epoch_sums = dict(state["epoch_sums"])
 
 
 class TrainingSession:
@@ -160,6 +171,7 @@ class TrainingSession:
         `log_every` steps, at checkpoints and on stop, never on every step.
         """
         self.state.step += 1
+        self.state.add(losses)
         self._pending_losses.append((self.state.step, losses))
         if self._bar is not None:
             self._bar.update(1)
@@ -171,6 +183,7 @@ class TrainingSession:
         if self._on_eval is not None and every.eval_every and step % every.eval_every == 0:
             self._on_eval()
         if epoch_done:
+            self.logger.scalars("epoch", step, epoch + 1, self._epoch_means())
             self._on_epoch_end(epoch)
         if checkpoint_due:
             self.checkpoint()
@@ -183,7 +196,10 @@ class TrainingSession:
             sys.exit(EXIT_REQUEUE)
 
     def flush_losses(self, epoch: int) -> dict[str, float]:
-        """Read back the losses since the last flush; raise TrainingError on the first non-finite one."""
+        """Read back the losses since the last flush; raise TrainingError on the first non-finite one.
+
+        `epoch` is 0-based here as everywhere in the code; records in metrics.jsonl count from 1.
+        """
         if not self._pending_losses:
             return {}
         steps = [step for step, _ in self._pending_losses]
@@ -199,10 +215,18 @@ class TrainingSession:
                 f"step {steps[row]}: {names[col]} is {stacked[row, col].item()}; stopped, the last good "
                 f"checkpoint in {self.checkpoints.dir} is kept")
         means = dict(zip(names, stacked.mean(dim=0).tolist()))
-        self.logger.scalars("train", steps[-1], epoch, means)
+        self.logger.scalars("train", steps[-1], epoch + 1, means)
         if self._bar is not None:
             self._bar.set_postfix({n: f"{v:.4f}" for n, v in means.items()}, refresh=False)
         return means
+
+    def _epoch_means(self) -> dict[str, float]:
+        """This epoch's mean of every loss over all steps and ranks; resets the sums."""
+        names = sorted(self.state.epoch_sums)
+        sums = torch.stack([self.state.epoch_sums[n].to(self.device) for n in names])
+        sums = self.accelerator.reduce(sums, reduction="sum") / (self.state.epoch_steps * self.world_size)
+        self.state.epoch_sums, self.state.epoch_steps = {}, 0
+        return dict(zip(names, sums.tolist()))
 
     def _stop_requested(self) -> bool:
         """True on every rank when any rank got SIGTERM/SIGUSR1 (checked every step alone, else at log steps)."""

@@ -1,0 +1,199 @@
+"""GAN training of the context-encoder generator (paper §2.2.3, Table 2).
+
+    python -m hybridgan.train --config configs/paper.yaml [key=value ...]
+    accelerate launch -m hybridgan.train --config configs/paper.yaml discriminator.kind=pathak
+
+Each step masks the batch, lets G fill the hole (composited into the context), then takes a D step
+on L_disc_joint (eq. 4-6) and a G step on L_gen_joint (eq. 1-3). `discriminator.kind=hybrid` starts
+D from the pretraining export (`discriminator.pretrained`); `pathak` is the paper's baseline. The
+stage folder is `runs/<name>/train-<kind>/`; the result is `generator.safetensors` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid
+
+from hybridgan.config import Config, add_config_arguments, config_from_args
+from hybridgan.data.loader import batches_per_epoch, make_loader
+from hybridgan.data.masks import apply_mask, make_masks
+from hybridgan.exports import ExportError, load_export, save_export
+from hybridgan.losses import discriminator_joint_loss, generator_joint_loss
+from hybridgan.metrics import HoleMetrics, hole_metrics
+from hybridgan.models import DiscOutput, build_discriminator, build_generator
+from hybridgan.session import TrainingSession, build_adam, run_stage, run_stage_cli, speed_up
+
+EXPORT_NAME = "generator.safetensors"
+
+
+def stage_name(cfg: Config) -> str:
+    """`train-hybrid` or `train-pathak`: both runs of a comparison live in one run folder."""
+    return f"train-{cfg.discriminator.kind}"
+
+
+def load_pretrained_discriminator(cfg: Config, disc: torch.nn.Module) -> None:
+    """Load `discriminator.pretrained` into `disc`; ExportError naming the path when that fails."""
+    path = Path(cfg.discriminator.pretrained)
+    if not cfg.discriminator.pretrained:
+        raise ExportError("discriminator.pretrained is empty: give the pretraining export "
+                          "(runs/<name>/pretrain/discriminator.safetensors) or set discriminator.from_scratch=true")
+    state, _ = load_export(path, "discriminator")
+    try:
+        disc.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ExportError(f"{path}: does not fit this discriminator config ({first})") from None
+
+
+def split_output(out: DiscOutput, n: int) -> tuple[DiscOutput, DiscOutput]:
+    """The first `n` images' outputs and the rest's (real and fake judged in one forward)."""
+    pixel = out.pixel_prob
+    return (DiscOutput(out.global_prob[:n], None if pixel is None else pixel[:n]),
+            DiscOutput(out.global_prob[n:], None if pixel is None else pixel[n:]))
+
+
+class GanTraining:
+    """G, D, their optimisers, and the two phases of a step."""
+
+    def __init__(self, cfg: Config, session: TrainingSession) -> None:
+        self.cfg = cfg
+        self.session = session
+        gen = build_generator(cfg)
+        disc = build_discriminator(cfg)
+        if cfg.discriminator.kind == "hybrid" and not cfg.discriminator.from_scratch:
+            load_pretrained_discriminator(cfg, disc)
+        gen, disc = speed_up(gen, cfg.train), speed_up(disc, cfg.train)
+        self.gen, self.disc, self.opt_g, self.opt_d = session.accelerator.prepare(
+            gen, disc, build_adam(gen, cfg.train), build_adam(disc, cfg.train))
+        self._center_mask: torch.Tensor | None = None
+        self._validated_at = -1
+
+    def masks(self, batch_size: int) -> torch.Tensor:
+        """Holes for this step: the fixed centre square, or random ones seeded by (seed, step, rank)."""
+        cfg, session = self.cfg, self.session
+        if cfg.mask.kind == "center":
+            if self._center_mask is None or self._center_mask.shape[0] != batch_size:
+                self._center_mask = make_masks(cfg.mask, cfg.data.image_size, batch_size).to(session.device)
+            return self._center_mask
+        seed = (cfg.run.seed * 1_000_003 + session.state.step) * 1_009 + session.rank
+        rng = torch.Generator().manual_seed(seed)
+        return make_masks(cfg.mask, cfg.data.image_size, batch_size, rng).to(session.device)
+
+    def discriminator_step(self, real: torch.Tensor, masked: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 4-6: D learns real vs composited fake; G is only run forward, without gradients."""
+        with torch.no_grad():
+            fake = self.gen(masked, mask)
+        d_real, d_fake = split_output(self.disc(torch.cat([real, fake])), real.shape[0])
+        losses = discriminator_joint_loss(d_real, d_fake, self.cfg.loss, mask)
+        self.opt_d.zero_grad(set_to_none=True)
+        self.session.accelerator.backward(losses.joint)
+        self.opt_d.step()
+        return {"disc_loss": losses.joint.detach(), "d_real": d_real.global_prob.detach().float().mean(),
+                "d_fake": d_fake.global_prob.detach().float().mean()}
+
+    def generator_step(self, real: torch.Tensor, masked: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 1-3: G learns to fill the hole; D judges through its unwrapped module with frozen weights,
+        so no gradient reaches D and DDP does not synchronise D in this phase."""
+        acc = self.session.accelerator
+        disc = acc.unwrap_model(self.disc)
+        disc.requires_grad_(False)
+        fake = self.gen(masked, mask)
+        with acc.autocast():
+            d_fake = disc(fake)
+        losses = generator_joint_loss(real, fake, d_fake, self.cfg.loss, mask)
+        self.opt_g.zero_grad(set_to_none=True)
+        acc.backward(losses.joint)
+        self.opt_g.step()
+        disc.requires_grad_(True)
+        return {"gen_loss": losses.joint.detach(), "gen_pixel_loss": losses.pixel.detach(),
+                "gen_adv_loss": losses.adv.detach()}
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        real = batch["image"].to(self.session.device, non_blocking=True)
+        mask = self.masks(real.shape[0])
+        masked = apply_mask(real, mask)
+        return {**self.discriminator_step(real, masked, mask), **self.generator_step(real, masked, mask)}
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """PSNR, SSIM, L1, L2 and sharpness inside the hole on the val split; a grid of the first batch.
+
+        Runs every `train.eval_every` steps and at every epoch's end (once when both fall together).
+        """
+        cfg, session = self.cfg, self.session
+        if self._validated_at == session.state.step:
+            return
+        self._validated_at = session.state.step
+        self.gen.eval()
+        tracker = HoleMetrics()
+        limit = cfg.train.eval_batches or None
+        rng_mask = torch.Generator().manual_seed(cfg.run.seed)
+        for index, batch in enumerate(make_loader(cfg, "val", batch_size=cfg.train.batch_size)):
+            if limit is not None and index >= limit:
+                break
+            real = batch["image"].to(session.device)
+            mask = make_masks(cfg.mask, cfg.data.image_size, real.shape[0], rng_mask).to(session.device)
+            if index % session.world_size != session.rank:
+                continue
+            with session.accelerator.autocast():
+                filled = self.gen(apply_mask(real, mask), mask).float()
+            tracker.add(hole_metrics(filled, real, mask))
+            if index == 0 and session.is_main:
+                session.logger.image("val/masked_inpainted_original", inpaint_grid(real, mask, filled),
+                                     session.state.step)
+        self.gen.train()
+        epoch = -(-session.state.step // session.steps_per_epoch)
+        session.logger.scalars("val", session.state.step, epoch, reduce_means(session, tracker))
+
+    def export(self) -> Path:
+        path = self.session.dir / EXPORT_NAME
+        state = self.session.accelerator.get_state_dict(self.gen)
+        if self.session.is_main:
+            save_export(state, path, self.cfg, "generator")
+        return path
+
+
+def reduce_means(session: TrainingSession, tracker: HoleMetrics) -> dict[str, float]:
+    """Mean of each metric over every image of every rank."""
+    values = tracker.per_image()
+    names = sorted(values)
+    sums = torch.stack([values[n].sum() for n in names] + [torch.tensor(float(values[names[0]].numel()))])
+    sums = session.accelerator.reduce(sums.to(session.device), reduction="sum")
+    return {name: (sums[i] / sums[-1]).item() for i, name in enumerate(names)}
+
+
+def inpaint_grid(real: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """Columns masked | inpainted | original, one row per face, as a [3, H, W] image in [0, 1]."""
+    rows = min(rows, real.shape[0])
+    masked = apply_mask(real[:rows], mask[:rows]) + mask[:rows]  # the hole shows white
+    tiles = torch.stack([masked.float(), filled[:rows].float(), real[:rows].float()], dim=1).flatten(0, 1)
+    return make_grid(((tiles + 1) / 2).clamp(0, 1).cpu(), nrow=3, padding=2)
+
+
+def train(cfg: Config) -> Path:
+    """Run (or resume) GAN training of `cfg`; returns the exported generator's path."""
+    session = TrainingSession(cfg, stage_name(cfg), cfg.train)
+    job = GanTraining(cfg, session)
+    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.train.batch_size, session.world_size)
+    run_stage(session, steps_per_epoch, job.step, lambda epoch: job.validate(),
+              lambda epoch: make_loader(cfg, "train", batch_size=cfg.train.batch_size, epoch=epoch,
+                                        rank=session.rank, world_size=session.world_size),
+              on_eval=job.validate)
+    path = job.export()
+    session.finish()
+    session.print(f"training done: {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    run_stage_cli(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
