@@ -1,0 +1,92 @@
+"""Pathak et al.'s context encoder (CVPR 2016), the generator G of eq. 1-3.
+
+Encoder: 4x4 stride-2 convs (BatchNorm, LeakyReLU 0.2) from the image size down to 4x4, then a 4x4
+conv to a 1x1 bottleneck of `cfg.bottleneck` channels (Pathak: 4000). Decoder: 4x4 transposed convs
+(BatchNorm, ReLU) back up to `output_size`, tanh. Channel widths follow Pathak's code: base, base,
+2*base, 4*base, 8*base (capped at 8*base) on the way down, the mirror on the way up. With base 64,
+bottleneck 4000, 128x128 in and 64x64 out this is Pathak's 71.1 M-parameter network.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hybridgan.config import GeneratorConfig
+
+
+def _steps_from_4(size: int, name: str) -> int:
+    """Number of x2 steps between 4x4 and `size`; `size` must be 4 * 2**k with k >= 1."""
+    steps = (size // 4).bit_length() - 1
+    if size < 8 or 4 * 2**steps != size:
+        raise ValueError(f"{name}={size} must be a power of two >= 8 for the context encoder")
+    return steps
+
+
+def _width(base: int, doublings: int) -> int:
+    return base * 2 ** min(max(doublings, 0), 3)
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """DCGAN/Pathak initialisation: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02), shift 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class ContextEncoder(nn.Module):
+    """G: (masked image, mask) -> the composited image, equal to the input outside the hole.
+
+    Our one deviation from Pathak: the input is the masked image concatenated with the mask
+    (4 channels instead of 3), so the network knows where the hole is for non-centre masks.
+    With `output_size == hole_size` (centre masks, Pathak's setting) the prediction is the hole
+    only and is pasted into the centre of the canvas; with `output_size == image_size` (other mask
+    kinds) it covers the whole image. Either way `forward` keeps the known pixels exactly.
+    """
+
+    def __init__(self, cfg: GeneratorConfig, image_size: int, hole_size: int,
+                 output_size: int | None = None) -> None:
+        super().__init__()
+        self.image_size, self.hole_size = image_size, hole_size
+        self.output_size = hole_size if output_size is None else output_size
+        if self.output_size not in (hole_size, image_size):
+            raise ValueError(f"output_size={self.output_size} must be the hole size {hole_size} "
+                             f"or the image size {image_size}")
+        base = cfg.base_channels
+        down, up = _steps_from_4(image_size, "image_size"), _steps_from_4(self.output_size, "output_size")
+
+        layers: list[nn.Module] = [nn.Conv2d(4, base, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
+        for i in range(1, down):  # the first layer has no BatchNorm (DCGAN, Pathak)
+            layers += [nn.Conv2d(_width(base, i - 2), _width(base, i - 1), 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(_width(base, i - 1)), nn.LeakyReLU(0.2, inplace=True)]
+        layers += [nn.Conv2d(_width(base, down - 2), cfg.bottleneck, 4, 1, 0, bias=False),
+                   nn.BatchNorm2d(cfg.bottleneck), nn.LeakyReLU(0.2, inplace=True)]
+        self.encoder = nn.Sequential(*layers)
+
+        top = _width(base, up - 1)
+        layers = [nn.ConvTranspose2d(cfg.bottleneck, top, 4, 1, 0, bias=False), nn.BatchNorm2d(top), nn.ReLU(True)]
+        for i in range(up - 1, 0, -1):
+            layers += [nn.ConvTranspose2d(_width(base, i), _width(base, i - 1), 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(_width(base, i - 1)), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(base, 3, 4, 2, 1, bias=False), nn.Tanh()]
+        self.decoder = nn.Sequential(*layers)
+        self.apply(init_dcgan_weights)
+
+    def predict(self, masked: Tensor, mask: Tensor) -> Tensor:
+        """The raw prediction in [-1, 1]: [B, 3, output_size, output_size]."""
+        return self.decoder(self.encoder(torch.cat([masked, mask.to(masked.dtype)], dim=1)))
+
+    def to_canvas(self, prediction: Tensor) -> Tensor:
+        """The prediction on an image-sized canvas: a hole-sized one pasted into the centre, zeros around."""
+        if prediction.shape[-1] == self.image_size:
+            return prediction
+        top = (self.image_size - self.hole_size) // 2
+        pad = (top, self.image_size - self.hole_size - top) * 2
+        return nn.functional.pad(prediction, pad)
+
+    def forward(self, masked: Tensor, mask: Tensor) -> Tensor:
+        """mask * prediction + (1 - mask) * masked: [B, 3, S, S], the known pixels kept exactly."""
+        canvas = self.to_canvas(self.predict(masked, mask))
+        return mask * canvas + (1 - mask) * masked

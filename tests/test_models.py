@@ -1,0 +1,181 @@
+"""The generator, both discriminators, local ResNet50 weights and the model summary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from hybridgan.config import Config, DiscriminatorConfig, GeneratorConfig
+from hybridgan.models import (
+    ContextEncoder, DiscOutput, HybridDiscriminator, ModelWeightsError, PathakDiscriminator,
+    build_discriminator, build_generator, model_summary,
+)
+
+
+def centre_mask(batch: int, size: int, hole: int) -> torch.Tensor:
+    mask = torch.zeros(batch, 1, size, size)
+    top = (size - hole) // 2
+    mask[..., top:top + hole, top:top + hole] = 1.0
+    return mask
+
+
+def images(batch: int, size: int) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def small_config(size: int = 32, hole: int = 16, kind: str = "center") -> Config:
+    cfg = Config()
+    cfg.data.image_size, cfg.mask.hole_size, cfg.mask.kind = size, hole, kind
+    cfg.generator = GeneratorConfig(base_channels=8, bottleneck=32)
+    cfg.discriminator = DiscriminatorConfig(decoder_width=4, pathak_channels=8)
+    return cfg
+
+
+def assert_composited(out: torch.Tensor, masked: torch.Tensor, mask: torch.Tensor) -> None:
+    assert out.shape == masked.shape and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    known = mask.expand_as(out) == 0
+    assert torch.equal(out[known], masked[known])  # exact, not approximate
+    assert not torch.equal(out[~known], masked[~known])  # the hole was filled
+
+
+@pytest.mark.parametrize("size,hole,base,bottleneck", [(32, 16, 8, 32), (128, 64, 16, 64)])
+def test_generator_centre_composite(size: int, hole: int, base: int, bottleneck: int) -> None:
+    g = ContextEncoder(GeneratorConfig(base_channels=base, bottleneck=bottleneck), size, hole)
+    x, mask = images(2, size), centre_mask(2, size, hole)
+    masked = x * (1 - mask)
+    assert g.predict(masked, mask).shape == (2, 3, hole, hole)
+    assert_composited(g(masked, mask), masked, mask)
+
+
+def test_generator_full_output_for_other_masks() -> None:
+    g = build_generator(small_config(64, 32, kind="random_box"))
+    assert g.output_size == 64
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[0, :, 3:40, 10:30] = 1
+    mask[1, :, 30:60, 2:50] = 1
+    masked = images(2, 64) * (1 - mask)
+    assert g.predict(masked, mask).shape == (2, 3, 64, 64)
+    assert_composited(g(masked, mask), masked, mask)
+
+
+def test_build_generator_centre_predicts_the_hole() -> None:
+    assert build_generator(small_config(64, 32)).output_size == 32
+
+
+def test_paper_generator_is_pathaks_size() -> None:
+    with torch.device("meta"):
+        g = ContextEncoder(GeneratorConfig(base_channels=64, bottleneck=4000), 128, 64)
+    # Pathak's 71.1 M with 3 input channels, + 64*16 weights for our mask channel
+    assert sum(p.numel() for p in g.parameters()) == 71_125_568
+
+
+def test_generator_rejects_sizes_it_cannot_reach() -> None:
+    with pytest.raises(ValueError, match="hole_size|output_size=24"):
+        ContextEncoder(GeneratorConfig(8, 16), 64, 24)
+
+
+@pytest.mark.parametrize("size,width", [(128, 4), (64, 8)])
+def test_hybrid_shapes_and_ranges(size: int, width: int) -> None:
+    d = HybridDiscriminator(DiscriminatorConfig(decoder_width=width), size)
+    out = d(images(2, size))
+    assert isinstance(out, DiscOutput)
+    assert out.global_prob.shape == (2,) and out.pixel_prob.shape == (2, 1, size, size)
+    for prob in out:
+        assert prob.dtype == torch.float32 and 0 <= prob.min() and prob.max() <= 1
+
+
+def test_hybrid_outputs_float32_under_bf16_autocast() -> None:
+    d = HybridDiscriminator(DiscriminatorConfig(decoder_width=4), 32).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = d(images(1, 32))
+    for prob in out:
+        assert prob.dtype == torch.float32 and 0 <= prob.min() and prob.max() <= 1
+
+
+def test_hybrid_rejects_size_not_divisible_by_32() -> None:
+    with pytest.raises(ValueError, match="image_size=48"):
+        HybridDiscriminator(DiscriminatorConfig(decoder_width=4), 48)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_resnet_weights_round_trip(tmp_path, suffix: str) -> None:
+    torch.manual_seed(1)
+    state = torchvision.models.resnet50(weights=None).state_dict()  # includes fc.*, as torchvision's files do
+    path = tmp_path / f"resnet50{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    d = HybridDiscriminator(DiscriminatorConfig(decoder_width=4, resnet_weights=str(path)), 32)
+    loaded = d.encoder.state_dict()
+    assert loaded.keys() == {k for k in state if not k.startswith("fc.")}
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+
+
+def _garbage(path):
+    path.write_bytes(b"definitely not a weights file")
+
+
+def _resnet18(path):
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+
+
+def _wrong_shape(path):
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 1, 7, 7)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("write,reason", [
+    (None, "not found"), (_garbage, "not a readable"), (_resnet18, "not resnet50"), (_wrong_shape, "conv1.weight"),
+])
+def test_bad_resnet_weights_name_the_file(tmp_path, write, reason: str) -> None:
+    path = tmp_path / "weights.pth"
+    if write is not None:
+        write(path)
+    with pytest.raises(ModelWeightsError) as info:
+        HybridDiscriminator(DiscriminatorConfig(decoder_width=4, resnet_weights=str(path)), 32)
+    message = str(info.value)
+    assert str(path) in message and reason in message and "\n" not in message
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_pathak_discriminator(size: int) -> None:
+    d = build_discriminator(small_config(size, size // 2), "pathak")
+    assert isinstance(d, PathakDiscriminator)
+    out = d(images(2, size))
+    assert out.pixel_prob is None and out.global_prob.shape == (2,)
+    assert out.global_prob.dtype == torch.float32 and 0 <= out.global_prob.min() and out.global_prob.max() <= 1
+
+
+def test_build_discriminator_kind_from_config() -> None:
+    cfg = small_config()
+    assert isinstance(build_discriminator(cfg), HybridDiscriminator)
+    cfg.discriminator.kind = "pathak"
+    assert isinstance(build_discriminator(cfg), PathakDiscriminator)
+    with pytest.raises(ValueError, match="'nope'"):
+        build_discriminator(cfg, "nope")
+
+
+def test_model_summary_counts_params_and_flops() -> None:
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    info = model_summary(conv, torch.zeros(2, 3, 8, 8), name="conv")
+    assert info["params"] == 8 * 3 * 9
+    assert info["flops"] == 2 * 2 * (8 * 8) * 8 * 3 * 9  # 2 FLOPs per multiply-add, batch 2
+    assert info["flops_per_image"] == info["flops"] / 2
+    assert info["text"] == "conv: 0.0 M params, 0.00 GFLOP/img at 8x8"
+    assert conv.training  # mode restored
+
+
+def test_model_summary_of_generator_at_batch_1() -> None:
+    g = build_generator(small_config())
+    mask = centre_mask(1, 32, 16)
+    info = model_summary(g, images(1, 32) * (1 - mask), mask, name="generator")
+    assert info["params"] == sum(p.numel() for p in g.parameters()) and info["flops"] > 0
+    assert info["text"].startswith("generator: ") and info["text"].endswith("at 32x32")
