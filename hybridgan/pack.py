@@ -1,0 +1,327 @@
+"""Pack a folder, a zip or `synthetic:N` into WebDataset tar shards plus `manifest.json`.
+
+    python -m hybridgan.pack SOURCE --out shards/NAME [--config FILE] [--workers N] [--skip-bad] [key=value ...]
+
+Every sample is `KEY.jpg` (`pack.source_size` square: centre-cropped and resized when the source
+differs; a source JPEG of exactly that size and RGB is stored byte for byte) and `KEY.json` (source
+name, original size, split). KEY is the source's relative path with every character other than
+letters, digits, `_` and `-` replaced by `_` (WebDataset splits names at the first dot).
+
+Split: keys are ordered by the sha256 of the key; the first round(N * val_fraction) are val, the
+next round(N * test_fraction) test, the rest train (30,000 -> 1,000/1,000/28,000). The split of a
+key depends on the set of keys only, never on the source's order; adding images moves only keys whose
+hash lies at a split boundary. Each split's keys, in that order, are cut into shards of
+`pack.shard_size`: a shard is a fixed, independent unit of work.
+
+Restartable: `plan.json` (the shard plan) is written first; each shard is written to
+`.NAME.tmp` and renamed when complete; `manifest.json` is written last, atomically. A re-run finishes
+the missing shards and leaves finished ones untouched; a folder holding a different plan is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import re
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset import TarWriter
+
+import hybridgan
+from hybridgan.config import PackConfig, add_config_arguments, config_from_args
+from hybridgan.data.manifest import MANIFEST, SPLITS
+from hybridgan.data.synthetic import synthetic_face
+
+PLAN = "plan.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class PackError(ValueError):
+    """Bad source, bad image or an output folder holding something else; one line naming it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where images come from: kind is "folder", "zip" or "synthetic"; refs index into it."""
+
+    kind: str
+    root: str
+    refs: tuple[str, ...]
+
+    def describe(self) -> str:
+        return self.root if self.kind != "synthetic" else f"synthetic:{len(self.refs)}"
+
+
+def _open_source(source: str) -> Source:
+    """The source named by the CLI argument, with its image references (sorted)."""
+    if source.startswith("synthetic:"):
+        count = source.split(":", 1)[1]
+        if not count.isdigit() or int(count) == 0:
+            raise PackError(f"source {source!r}: expected synthetic:N with N a positive integer")
+        return Source("synthetic", source, tuple(str(i) for i in range(int(count))))
+    path = Path(source)
+    if path.is_dir():
+        refs = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        kind = "folder"
+    elif path.is_file() and path.suffix.lower() == ".zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile as err:
+            raise PackError(f"{path}: not a readable zip file ({err})") from None
+        refs = sorted(n for n in names if not n.endswith("/") and not n.startswith("__MACOSX/")
+                      and Path(n).suffix.lower() in IMAGE_SUFFIXES)
+        kind = "zip"
+    else:
+        raise PackError(f"source {source}: not a folder, a .zip file or synthetic:N")
+    if not refs:
+        raise PackError(f"source {source}: no .jpg/.jpeg/.png images found")
+    return Source(kind, str(path.resolve()), tuple(refs))
+
+
+def sample_key(ref: str) -> str:
+    """The WebDataset key of a source reference: no dots, no slashes."""
+    return re.sub(r"[^0-9A-Za-z_-]", "_", ref)
+
+
+def _key_of(source: Source, ref: str) -> str:
+    return f"face_{int(ref):06d}" if source.kind == "synthetic" else sample_key(ref)
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def split_sizes(total: int, cfg: PackConfig) -> dict[str, int]:
+    """Samples per split: round-half-up of the fractions for val and test, the rest train."""
+    val = math.floor(total * cfg.val_fraction + 0.5)
+    test = math.floor(total * cfg.test_fraction + 0.5)
+    return {"train": total - val - test, "val": val, "test": test}
+
+
+def make_plan(source: Source, cfg: PackConfig) -> dict[str, Any]:
+    """The full, deterministic shard plan: which key (and source reference) goes in which shard."""
+    keyed: dict[str, str] = {}
+    for ref in source.refs:
+        key = _key_of(source, ref)
+        if key in keyed:
+            raise PackError(f"{source.root}: {keyed[key]!r} and {ref!r} map to the same key {key!r}; "
+                            f"rename one of them")
+        keyed[key] = ref
+    ordered = sorted(keyed, key=lambda k: (_hash(k), k))
+    sizes = split_sizes(len(ordered), cfg)
+    bounds = {"val": (0, sizes["val"]), "test": (sizes["val"], sizes["val"] + sizes["test"]),
+              "train": (sizes["val"] + sizes["test"], len(ordered))}
+    shards = []
+    for split in SPLITS:
+        keys = ordered[bounds[split][0]:bounds[split][1]]
+        for index, start in enumerate(range(0, len(keys), cfg.shard_size)):
+            chunk = keys[start:start + cfg.shard_size]
+            shards.append({"name": f"{split}-{index:06d}.tar", "split": split, "keys": chunk,
+                           "refs": [keyed[k] for k in chunk]})
+    return {"format": 1, "source": source.describe(), "image_size": cfg.source_size,
+            "jpeg_quality": cfg.jpeg_quality, "shard_size": cfg.shard_size,
+            "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "shards": shards}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _prepare_out(out: Path, plan: dict[str, Any]) -> None:
+    """Create `out` with `plan.json`, or accept it when it holds the same plan; never removes anything."""
+    plan_path = out / PLAN
+    if plan_path.is_file():
+        try:
+            old = json.loads(plan_path.read_text())
+        except ValueError:
+            raise PackError(f"{plan_path}: unreadable pack plan; choose another --out") from None
+        differs = [k for k in plan if old.get(k) != plan[k]]
+        if differs:
+            what = ", ".join("shard plan" if k == "shards" else k for k in differs)
+            raise PackError(f"{out} already holds a different pack ({what} differ); "
+                            f"choose another --out or remove that folder yourself")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PackError(f"{out} exists and is not an empty folder nor an unfinished pack "
+                        f"(no {PLAN}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(plan_path, plan)
+
+
+class _Reader:
+    """Reads one source's images by reference; opened once per shard (zip handles do not fork)."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.archive = zipfile.ZipFile(source.root) if source.kind == "zip" else None
+
+    def name(self, ref: str) -> str:
+        if self.source.kind == "synthetic":
+            return f"synthetic:{ref}"
+        if self.source.kind == "zip":
+            return f"{self.source.root}:{ref}"
+        return str(Path(self.source.root) / ref)
+
+    def read(self, ref: str) -> bytes:
+        if self.archive is not None:
+            return self.archive.read(ref)
+        return (Path(self.source.root) / ref).read_bytes()
+
+    def close(self) -> None:
+        if self.archive is not None:
+            self.archive.close()
+
+
+def _encode(image: Image.Image, size: int, quality: int) -> bytes:
+    image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    if side != size or width != height:
+        image = image.resize((size, size), Image.LANCZOS, box=(left, top, left + side, top + side),
+                             reducing_gap=3.0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _image_sample(reader: _Reader, ref: str, size: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+    """JPEG bytes of the `size` square for `ref`, and the source's (width, height)."""
+    if reader.source.kind == "synthetic":
+        return _encode(synthetic_face(int(ref)), size, quality), (256, 256)
+    data = reader.read(ref)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes fully: truncated or corrupt files fail here, not in training
+            original = image.size
+            if image.format == "JPEG" and image.mode == "RGB" and original == (size, size):
+                return data, original
+            return _encode(image, size, quality), original
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise PackError(f"{reader.name(ref)}: not a readable image ({err}); "
+                        f"fix or remove it, or pass --skip-bad") from None
+
+
+@dataclass(frozen=True)
+class _Job:
+    source: Source
+    shard: dict[str, Any]
+    out: str
+    size: int
+    quality: int
+    skip_bad: bool
+
+
+def _write_shard(job: _Job) -> tuple[str, int]:
+    """Write one shard to its temp name, rename it when complete; (name, samples skipped)."""
+    final = Path(job.out) / job.shard["name"]
+    tmp = final.with_name(f".{final.name}.tmp")
+    reader, skipped = _Reader(job.source), 0
+    split = job.shard["split"]
+    try:
+        with open(tmp, "wb") as stream, TarWriter(stream, mtime=0.0) as writer:
+            for key, ref in zip(job.shard["keys"], job.shard["refs"]):
+                try:
+                    jpg, original = _image_sample(reader, ref, job.size, job.quality)
+                except PackError:
+                    if not job.skip_bad:
+                        raise
+                    skipped += 1
+                    continue
+                meta = {"source": reader.name(ref) if job.source.kind == "synthetic" else ref,
+                        "original_size": list(original), "split": split}
+                writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
+    finally:
+        reader.close()
+    tmp.replace(final)
+    return final.name, skipped
+
+
+def _shard_summary(path: Path, split: str) -> dict[str, Any]:
+    with tarfile.open(path) as tar:
+        count = sum(1 for m in tar.getmembers() if m.name.endswith(".jpg"))
+    with open(path, "rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    return {"name": path.name, "split": split, "count": count, "sha256": digest}
+
+
+def _build_manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    shards = [_shard_summary(out / s["name"], s["split"]) for s in plan["shards"]]
+    counts = {split: sum(s["count"] for s in shards if s["split"] == split) for split in SPLITS}
+    planned = sum(len(s["keys"]) for s in plan["shards"])
+    return {"format": 1, "version": hybridgan.__version__, "source": plan["source"],
+            "image_size": plan["image_size"], "jpeg_quality": plan["jpeg_quality"],
+            "counts": counts, "total": sum(counts.values()), "skipped": planned - sum(counts.values()),
+            "shards": shards}
+
+
+def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[tuple[str, int]]:
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(_write_shard, jobs)
+        return
+    # fork: workers inherit the plan without pickling it again, and start in milliseconds.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap_unordered(_write_shard, jobs)
+
+
+def pack(source: str, out: Path, cfg: PackConfig, workers: int | None = None,
+         skip_bad: bool = False) -> dict[str, Any]:
+    """Pack `source` into `out` (resuming an interrupted pack of the same plan); the manifest."""
+    out = Path(out)
+    src = _open_source(source)
+    plan = make_plan(src, cfg)
+    _prepare_out(out, plan)
+    if (out / MANIFEST).is_file():
+        return json.loads((out / MANIFEST).read_text())
+    pending = [s for s in plan["shards"] if not (out / s["name"]).is_file()]
+    jobs = [_Job(src, s, str(out), cfg.source_size, cfg.jpeg_quality, skip_bad) for s in pending]
+    sizes = {s["name"]: len(s["keys"]) for s in pending}
+    with tqdm(total=sum(sizes.values()), unit="img", desc=f"pack {out.name}", disable=None) as bar:
+        for name, _ in _run_jobs(jobs, workers if workers is not None else cfg.workers):
+            bar.update(sizes[name])
+    manifest = _build_manifest(out, plan)
+    _write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hybridgan.pack", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="folder of images, a .zip of one, or synthetic:N")
+    parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. shards/NAME")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default pack.workers)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images, count them")
+    add_config_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    cfg = config_from_args(args)
+    start = time.perf_counter()
+    try:
+        manifest = pack(args.source, args.out, cfg.pack, workers=args.workers, skip_bad=args.skip_bad)
+    except PackError as err:
+        print(f"pack error: {err}", file=sys.stderr)
+        return 2
+    counts = manifest["counts"]
+    print(f"packed {manifest['total']} images into {args.out} in {time.perf_counter() - start:.1f} s: "
+          f"train {counts['train']}, val {counts['val']}, test {counts['test']}, "
+          f"skipped {manifest['skipped']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""`hybridgan.pack`: shards, manifest, splits, restart after a kill, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from hybridgan.config import PackConfig
+from hybridgan.data.manifest import ManifestError, read_manifest, shard_urls, split_count
+from hybridgan.data.synthetic import synthetic_face
+from hybridgan.pack import PackError, Source, main, make_plan, pack, sample_key, split_sizes
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = PackConfig(shard_size=4, val_fraction=0.2, test_fraction=0.1, workers=1)
+
+# (relative path, size, format): nested folders, JPEG and PNG in any case, non-square, non-256.
+FILES = [
+    ("a/one.jpg", (256, 256), "JPEG"), ("a/two.JPG", (300, 200), "JPEG"),
+    ("a/b/three.png", (128, 128), "PNG"), ("a/b/four.jpeg", (512, 512), "JPEG"),
+    ("five.PNG", (200, 320), "PNG"), ("c/six.jpg", (256, 256), "JPEG"),
+    ("c/seven.png", (64, 64), "PNG"), ("c/d/e/eight.jpg", (1024, 768), "JPEG"),
+    ("nine.jpg", (256, 256), "JPEG"), ("ten.jpeg", (257, 255), "JPEG"),
+]
+
+
+def _write_images(root: Path, files=FILES, order=1) -> None:
+    for i, (rel, size, fmt) in list(enumerate(files))[::order]:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synthetic_face(i).resize(size).save(path, format=fmt)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    _write_images(root)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_pack(image_folder, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("packs") / "folder"
+    return out, pack(str(image_folder), out, CFG)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_samples(out: Path) -> dict[str, dict]:
+    """Every sample of every shard, read with plain webdataset (no project code)."""
+    urls = sorted(str(p) for p in out.glob("*.tar"))
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil")
+    return {s["__key__"]: s for s in dataset}
+
+
+def test_folder_pack_writes_readable_shards_and_manifest(folder_pack, image_folder):
+    out, manifest = folder_pack
+    assert manifest == read_manifest(out) and manifest["version"] == "0.1.0"
+    assert manifest["counts"] == {"train": 7, "val": 2, "test": 1} and manifest["skipped"] == 0
+    assert manifest["image_size"] == 256 and manifest["source"] == str(image_folder.resolve())
+    names = sorted(p.name for p in out.glob("*.tar"))
+    assert names == ["test-000000.tar", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == _sha(out / shard["name"])
+    assert [s["count"] for s in manifest["shards"] if s["split"] == "train"] == [4, 3]
+    listing = subprocess.run(["tar", "-tf", str(out / "train-000000.tar")], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert len(listing) == 8 and all(n.endswith((".jpg", ".json")) for n in listing)
+    samples = _read_samples(out)
+    assert set(samples) == {sample_key(rel) for rel, _, _ in FILES}
+    for rel, size, _ in FILES:
+        sample = samples[sample_key(rel)]
+        assert sample["jpg"].size == (256, 256) and sample["jpg"].mode == "RGB"
+        assert sample["json"]["source"] == rel and tuple(sample["json"]["original_size"]) == size
+    splits = {s["json"]["split"] for s in samples.values()}
+    assert splits == {"train", "val", "test"}
+    assert split_count(out, "val") == 2 and len(shard_urls(out, "train")) == 2
+
+
+def test_256_jpeg_is_stored_byte_for_byte_and_others_centre_cropped(folder_pack, image_folder):
+    out, _ = folder_pack
+    samples = {s["__key__"]: s for s in wds.WebDataset(shard_urls(out, "train") + shard_urls(out, "val")
+                                                        + shard_urls(out, "test"), shardshuffle=False)}
+    assert samples["nine_jpg"]["jpg"] == (image_folder / "nine.jpg").read_bytes()
+    # A 200x320 portrait keeps its centre rows: compare with an explicit centre crop.
+    source = Image.open(image_folder / "five.PNG").convert("RGB").crop((0, 60, 200, 260)).resize((256, 256))
+    packed = Image.open(io.BytesIO(samples["five_PNG"]["jpg"])).convert("RGB")
+    diff = sum(abs(a - b) for a, b in zip(source.tobytes(), packed.tobytes())) / (256 * 256 * 3)
+    assert diff < 6
+
+
+def test_zip_pack_equals_folder_pack(folder_pack, image_folder, tmp_path):
+    archive = tmp_path / "faces.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for rel, _, _ in reversed(FILES):  # a different order than the folder walk
+            zf.write(image_folder / rel, rel)
+    manifest = pack(str(archive), tmp_path / "zip", CFG)
+    out, folder_manifest = folder_pack
+    assert manifest["counts"] == folder_manifest["counts"]
+    # Same keys in the same shards, same bytes: only the source differs.
+    assert [(s["name"], s["count"]) for s in manifest["shards"]] == \
+        [(s["name"], s["count"]) for s in folder_manifest["shards"]]
+    zip_samples, folder_samples = _read_samples(tmp_path / "zip"), _read_samples(out)
+    assert {k: s["json"]["split"] for k, s in zip_samples.items()} == \
+        {k: s["json"]["split"] for k, s in folder_samples.items()}
+
+
+def test_synthetic_pack_counts_and_checksums(tmp_path):
+    cfg = PackConfig(shard_size=10, val_fraction=0.1, test_fraction=0.1)
+    manifest = pack("synthetic:60", tmp_path / "syn", cfg, workers=2)
+    assert manifest["counts"] == {"train": 48, "val": 6, "test": 6} and manifest["total"] == 60
+    assert [s["count"] for s in manifest["shards"]] == [10, 10, 10, 10, 8, 6, 6]
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == _sha(tmp_path / "syn" / shard["name"])
+    samples = _read_samples(tmp_path / "syn")
+    assert len(samples) == 60 and all(s["jpg"].size == (256, 256) for s in samples.values())
+    # Deterministic: the same source packs to byte-identical shards.
+    again = pack("synthetic:60", tmp_path / "again", cfg, workers=1)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def test_split_sizes_match_celeba_hq():
+    assert split_sizes(30000, PackConfig()) == {"train": 28000, "val": 1000, "test": 1000}
+    paper = PackConfig(val_fraction=0.0333333333333, test_fraction=0.0333333333333)
+    assert split_sizes(30000, paper) == {"train": 28000, "val": 1000, "test": 1000}
+    assert split_sizes(600, PackConfig(val_fraction=0.1, test_fraction=0.1)) == \
+        {"train": 480, "val": 60, "test": 60}
+
+
+def _splits(plan: dict) -> dict[str, str]:
+    return {k: s["split"] for s in plan["shards"] for k in s["keys"]}
+
+
+def test_split_is_stable_under_reordering_and_additions():
+    cfg = PackConfig(shard_size=50, val_fraction=0.1, test_fraction=0.1)
+    refs = [f"dir{i % 7}/img{i}.jpg" for i in range(1000)]
+    base = _splits(make_plan(Source("folder", "/x", tuple(refs)), cfg))
+    reordered = _splits(make_plan(Source("folder", "/x", tuple(reversed(refs))), cfg))
+    assert reordered == base
+    grown = _splits(make_plan(Source("folder", "/x", tuple(refs + [f"new/{i}.jpg" for i in range(10)])), cfg))
+    moved = [k for k in base if grown[k] != base[k]]
+    assert len(moved) <= 10  # only keys at a split boundary may move
+
+
+def _pack_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hybridgan.pack", *args, "--config",
+                             "configs/smoke-cpu.yaml"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_pack_resumes_without_rewriting_finished_shards(tmp_path):
+    out = tmp_path / "killed"
+    args = ("synthetic:400", "--out", str(out), "--workers", "1", "pack.shard_size=10")
+    proc = _pack_cli(*args)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*.tar")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: (p.stat().st_mtime_ns, _sha(p)) for p in out.glob("*.tar")}
+    assert 0 < len(finished) < 40 and not (out / "manifest.json").exists()
+    rerun = _pack_cli(*args)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    assert "packed 400 images" in stdout
+    for name, (mtime, digest) in finished.items():
+        assert ((out / name).stat().st_mtime_ns, _sha(out / name)) == (mtime, digest)
+    manifest = read_manifest(out)
+    assert manifest["total"] == 400 and len(manifest["shards"]) == 40
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _sha(p) for p in root.rglob("*") if p.is_file()}
+
+
+def test_corrupt_jpeg_is_one_clear_error_and_skip_bad_counts(tmp_path, capsys):
+    src = tmp_path / "src"
+    _write_images(src, FILES[:6])
+    bad = src / "a" / "bad.jpg"
+    bad.write_bytes((src / "a" / "one.jpg").read_bytes()[:600])  # truncated JPEG
+    out = tmp_path / "out"
+    assert main([str(src), "--out", str(out), "--workers", "1", "--config",
+                 str(REPO / "configs/smoke-cpu.yaml"), "pack.shard_size=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pack error: ") and str(bad) in err and len(err.splitlines()) == 1
+    before = _tree(out)
+    assert not (out / "manifest.json").exists()
+    manifest = pack(str(src), out, PackConfig(shard_size=2, val_fraction=0.1, test_fraction=0.1),
+                    skip_bad=True)
+    assert manifest["skipped"] == 1 and manifest["total"] == 6
+    assert all(_tree(out)[name] == digest for name, digest in before.items() if name.endswith(".tar"))
+
+
+def test_empty_folder_and_bad_sources_are_clear_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("x")
+    with pytest.raises(PackError, match=f"{empty}: no .jpg/.jpeg/.png images"):
+        pack(str(empty), tmp_path / "out", CFG)
+    assert not (tmp_path / "out").exists()
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--config",
+                 str(REPO / "configs/smoke-cpu.yaml")]) == 2
+    assert "missing: not a folder" in capsys.readouterr().err
+    with pytest.raises(PackError, match="synthetic:N"):
+        pack("synthetic:zero", tmp_path / "out", CFG)
+
+
+def test_out_folder_holding_another_pack_is_refused_and_kept(folder_pack, tmp_path):
+    out, _ = folder_pack
+    before = _tree(out)
+    with pytest.raises(PackError, match=f"{out} already holds a different pack"):
+        pack("synthetic:12", out, CFG)
+    with pytest.raises(PackError, match="shard_size"):
+        pack(str(read_manifest(out)["source"]), out, PackConfig(shard_size=5, val_fraction=0.2,
+                                                                test_fraction=0.1))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(PackError, match=f"{other} exists and is not an empty folder"):
+        pack("synthetic:12", other, CFG)
+    assert _tree(out) == before and (other / "precious.txt").read_text() == "keep me"
+    # The same pack again is a no-op that returns the manifest.
+    assert pack(str(read_manifest(out)["source"]), out, CFG) == read_manifest(out)
+
+
+def test_manifest_errors_name_the_folder(tmp_path):
+    with pytest.raises(ManifestError, match=f"{tmp_path / 'nope'} not found.*hybridgan.pack"):
+        read_manifest(tmp_path / "nope")
+    with pytest.raises(ManifestError, match="no finished pack"):
+        read_manifest(tmp_path)
