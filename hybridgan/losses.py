@@ -1,0 +1,104 @@
+"""The paper's losses, eq. 1-6 (seed/paper.md §2.2.3), one function per equation.
+
+The paper writes every loss as ||target - x||_2^2; we take the MEAN of the squared error, not the
+sum: the paper's Table 2 values (gen_pixel_loss 0.19, gen_adv_loss 0.999 for a D that is sure every
+fake is fake) only make sense as means. A discriminator output is a `DiscOutput`; for the hybrid D
+both its outputs enter each loss, `cfg.global_weight * L(global_prob) + cfg.pixel_weight *
+L(pixel_prob)`; for Pathak's D (`pixel_prob is None`) the global term alone, with weight 1.
+Everything is computed in float32, also under autocast.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from hybridgan.config import LossConfig
+from hybridgan.models import DiscOutput
+
+
+class GeneratorLosses(NamedTuple):
+    joint: Tensor  # eq. 3, what G minimises; logged as gen_loss
+    pixel: Tensor  # eq. 1, gen_pixel_loss in Table 2
+    adv: Tensor  # eq. 2, gen_adv_loss in Table 2
+
+
+class DiscriminatorLosses(NamedTuple):
+    joint: Tensor  # eq. 6, what D minimises; disc_loss in Table 2
+    real: Tensor  # eq. 4
+    fake: Tensor  # eq. 5
+
+
+def _mse(x: Tensor, target: Tensor | float) -> Tensor:
+    target = target.float() if isinstance(target, Tensor) else target
+    return (x.float() - target).square().mean()
+
+
+def _weighted(d_out: DiscOutput, cfg: LossConfig, global_target: Tensor | float,
+              pixel_target: Tensor | float) -> Tensor:
+    """L2 of both outputs against their targets, mixed by the config's weights."""
+    global_term = _mse(d_out.global_prob, global_target)
+    if d_out.pixel_prob is None:
+        return global_term
+    return cfg.global_weight * global_term + cfg.pixel_weight * _mse(d_out.pixel_prob, pixel_target)
+
+
+def pixel_loss(real: Tensor, fake: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Eq. 1, L_pixel = ||Img - G(Mask_Img)||_2^2, as a mean squared error.
+
+    With `mask` [B, 1, S, S] (1 = hole), the mean over the hole's pixels (and the 3 channels), as in
+    Pathak's code; the training loop passes the hole mask. Without it, the mean over the whole image.
+    Since the composited G(Mask_Img) equals Img outside the hole, the whole-image mean is the hole
+    mean times the hole's area fraction (0.25 for the paper's 64x64 hole in 128x128).
+    """
+    error = (real.float() - fake.float()).square()
+    if mask is None:
+        return error.mean()
+    weight = mask.float().expand_as(error)
+    return (error * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def adversarial_loss(d_fake: DiscOutput, cfg: LossConfig, hole_mask: Tensor | None = None) -> Tensor:
+    """Eq. 2, L_adv = ||Ones - D(G(Mask_Img))||_2^2: G wants D to call its images real everywhere.
+
+    The target is all ones for both outputs, so `hole_mask` does not change it; it is accepted so
+    that the generator and discriminator losses take the same arguments.
+    """
+    return _weighted(d_fake, cfg, 1.0, 1.0)
+
+
+def generator_joint_loss(real: Tensor, fake: Tensor, d_fake: DiscOutput, cfg: LossConfig,
+                         hole_mask: Tensor | None = None) -> GeneratorLosses:
+    """Eq. 3, L_gen_joint = alpha * L_pixel + beta * L_adv (L_pixel over the hole when given)."""
+    pixel = pixel_loss(real, fake, hole_mask)
+    adv = adversarial_loss(d_fake, cfg, hole_mask)
+    return GeneratorLosses(cfg.alpha * pixel + cfg.beta * adv, pixel, adv)
+
+
+def real_loss(d_real: DiscOutput, cfg: LossConfig) -> Tensor:
+    """Eq. 4, L_real = ||Ones - D(Img)||_2^2: a real image is real as a whole and at every pixel."""
+    return _weighted(d_real, cfg, 1.0, 1.0)
+
+
+def fake_loss(d_fake: DiscOutput, cfg: LossConfig, hole_mask: Tensor) -> Tensor:
+    """Eq. 5, L_fake = ||Zeros - D(G(Mask_Img))||_2^2.
+
+    The global target is 0. A composited fake is only fake inside the hole, so the per-pixel
+    target is 0 inside the hole and 1 outside, `1 - hole_mask` (DESIGN.md).
+    """
+    return _weighted(d_fake, cfg, 0.0, 1.0 - hole_mask.float())
+
+
+def discriminator_joint_loss(d_real: DiscOutput, d_fake: DiscOutput, cfg: LossConfig,
+                             hole_mask: Tensor) -> DiscriminatorLosses:
+    """Eq. 6, L_disc_joint = gamma * L_real + epsilon * L_fake."""
+    real, fake = real_loss(d_real, cfg), fake_loss(d_fake, cfg, hole_mask)
+    return DiscriminatorLosses(cfg.gamma * real + cfg.epsilon * fake, real, fake)
+
+
+def blur_discriminator_loss(d_out: DiscOutput, is_real_global: Tensor, pixel_target: Tensor,
+                            cfg: LossConfig) -> Tensor:
+    """Pretraining on blur (§2.3): L2 of global_prob against 1 (original) / 0 (blurred), and of
+    pixel_prob against `pixel_target` (0 inside the blurred square, 1 elsewhere), same weights."""
+    return _weighted(d_out, cfg, is_real_global.float(), pixel_target.float())

@@ -1,0 +1,129 @@
+"""Eq. 1-6 against hand-computed values, and gradient isolation between the D and G steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridgan.config import DiscriminatorConfig, GeneratorConfig, LossConfig
+from hybridgan.losses import (
+    adversarial_loss, blur_discriminator_loss, discriminator_joint_loss, fake_loss, generator_joint_loss,
+    pixel_loss, real_loss,
+)
+from hybridgan.models import ContextEncoder, DiscOutput, HybridDiscriminator, PathakDiscriminator
+
+# distinct weights, so that a swapped weight shows up in the value
+CFG = LossConfig(alpha=0.9, beta=0.1, gamma=0.3, epsilon=0.7, global_weight=0.25, pixel_weight=0.75)
+GLOBAL = torch.tensor([0.2, 0.6])
+PIXEL = torch.tensor([[[[0.0, 0.5], [1.0, 0.25]]], [[[0.5, 0.5], [0.0, 1.0]]]])  # [2, 1, 2, 2]
+HOLE = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
+HYBRID = DiscOutput(GLOBAL, PIXEL)
+PATHAK = DiscOutput(GLOBAL, None)
+
+# By hand. Against ones: global ((0.8^2 + 0.4^2) / 2) = 0.4,
+#   pixel (1 + 0.25 + 0 + 0.5625 + 0.25 + 0.25 + 1 + 0) / 8 = 0.4140625.
+#   Weighted: 0.25 * 0.4 + 0.75 * 0.4140625 = 0.410546875.
+# Eq. 5: global against zeros (0.04 + 0.36) / 2 = 0.2; pixel against 1 - HOLE = [[0,1],[1,1]], [[0,0],[1,1]]:
+#   (0 + 0.25 + 0 + 0.5625 + 0.25 + 0.25 + 1 + 0) / 8 = 0.2890625.
+#   Weighted: 0.25 * 0.2 + 0.75 * 0.2890625 = 0.266796875.
+
+
+def test_pixel_loss_eq1() -> None:
+    real = torch.zeros(2, 1, 2, 2)
+    fake = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[-1.0, 0.5], [0.0, 0.5]]]])
+    assert pixel_loss(real, fake).item() == 3.9375  # (1 + 4 + 9 + 16 + 1 + 0.25 + 0 + 0.25) / 8
+    assert pixel_loss(real, fake, HOLE).item() == 0.75  # hole pixels 1, 1, 0.25 -> 2.25 / 3
+
+
+def test_pixel_loss_mask_covers_every_channel() -> None:
+    real = torch.zeros(1, 3, 1, 2)
+    fake = torch.tensor([[[[1.0, 9.0]], [[2.0, 9.0]], [[3.0, 9.0]]]])
+    assert pixel_loss(real, fake, torch.tensor([[[[1.0, 0.0]]]])).item() == pytest.approx(14 / 3)
+
+
+def test_adversarial_loss_eq2() -> None:
+    assert adversarial_loss(HYBRID, CFG, HOLE).item() == pytest.approx(0.410546875, abs=1e-7)
+    assert adversarial_loss(PATHAK, CFG).item() == pytest.approx(0.4)  # global term alone, weight 1
+
+
+def test_generator_joint_loss_eq3() -> None:
+    real = torch.zeros(2, 1, 2, 2)
+    fake = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[-1.0, 0.5], [0.0, 0.5]]]])
+    losses = generator_joint_loss(real, fake, HYBRID, CFG, HOLE)
+    assert losses.pixel.item() == 0.75
+    assert losses.adv.item() == pytest.approx(0.410546875, abs=1e-7)
+    assert losses.joint.item() == pytest.approx(0.9 * 0.75 + 0.1 * 0.410546875, abs=1e-6)  # 0.7160546875
+
+
+def test_real_loss_eq4() -> None:
+    assert real_loss(HYBRID, CFG).item() == pytest.approx(0.410546875, abs=1e-7)
+    assert real_loss(PATHAK, CFG).item() == pytest.approx(0.4)
+
+
+def test_fake_loss_eq5_pixel_target_is_zero_only_in_the_hole() -> None:
+    assert fake_loss(HYBRID, CFG, HOLE).item() == pytest.approx(0.266796875, abs=1e-7)
+    assert fake_loss(PATHAK, CFG, HOLE).item() == pytest.approx(0.2)
+    # a perfect D: 0 globally, 0 in the hole, 1 around it
+    perfect = DiscOutput(torch.zeros(2), 1 - HOLE)
+    assert fake_loss(perfect, CFG, HOLE).item() == 0.0
+
+
+def test_discriminator_joint_loss_eq6() -> None:
+    perfect_real = DiscOutput(torch.ones(2), torch.ones(2, 1, 2, 2))
+    losses = discriminator_joint_loss(perfect_real, HYBRID, CFG, HOLE)
+    assert losses.real.item() == 0.0
+    assert losses.joint.item() == pytest.approx(0.7 * 0.266796875, abs=1e-7)
+    losses = discriminator_joint_loss(HYBRID, HYBRID, CFG, HOLE)
+    assert losses.joint.item() == pytest.approx(0.3 * 0.410546875 + 0.7 * 0.266796875, abs=1e-7)  # 0.309921875
+
+
+def test_blur_discriminator_loss() -> None:
+    # global against [1, 0]: (0.64 + 0.36) / 2 = 0.5; pixel against 1 - HOLE as for eq. 5: 0.2890625
+    loss = blur_discriminator_loss(HYBRID, torch.tensor([1.0, 0.0]), 1 - HOLE, CFG)
+    assert loss.item() == pytest.approx(0.25 * 0.5 + 0.75 * 0.2890625, abs=1e-7)  # 0.341796875
+    assert blur_discriminator_loss(PATHAK, torch.tensor([1.0, 0.0]), 1 - HOLE, CFG).item() == pytest.approx(0.5)
+
+
+def test_a_confident_pathak_d_gives_table2_adv_loss_of_one() -> None:
+    assert adversarial_loss(DiscOutput(torch.zeros(16), None), LossConfig()).item() == 1.0
+
+
+def test_losses_are_float32_for_bf16_inputs() -> None:
+    low = DiscOutput(GLOBAL.bfloat16(), PIXEL.bfloat16())
+    assert real_loss(low, CFG).dtype == torch.float32
+    assert fake_loss(low, CFG, HOLE.bfloat16()).dtype == torch.float32
+    assert pixel_loss(PIXEL.bfloat16(), HOLE.bfloat16(), HOLE.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "pathak"])
+def test_d_step_and_g_step_touch_only_their_own_parameters(kind: str) -> None:
+    torch.manual_seed(0)
+    gen = ContextEncoder(GeneratorConfig(base_channels=8, bottleneck=16), 32, 16)
+    disc_cfg = DiscriminatorConfig(decoder_width=4, pathak_channels=8)
+    disc = HybridDiscriminator(disc_cfg, 32) if kind == "hybrid" else PathakDiscriminator(disc_cfg, 32)
+    real = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    masked = real * (1 - mask)
+    cfg = LossConfig()
+
+    # D step (eq. 4-6): G's output detached
+    fake = gen(masked, mask).detach()
+    discriminator_joint_loss(disc(real), disc(fake), cfg, mask).joint.backward()
+    assert all(p.grad is not None for p in disc.parameters())
+    assert sum(p.grad.abs().sum() for p in disc.parameters()) > 0
+    assert all(p.grad is None for p in gen.parameters())
+
+    # G step (eq. 1-3): D frozen, only G optimised
+    disc.zero_grad(set_to_none=True)
+    disc.requires_grad_(False)
+    disc_before = [p.detach().clone() for p in disc.parameters()]
+    gen_before = [p.detach().clone() for p in gen.parameters()]
+    optimizer = torch.optim.Adam(gen.parameters(), lr=1e-3)
+    fake = gen(masked, mask)
+    generator_joint_loss(real, fake, disc(fake), cfg, mask).joint.backward()
+    assert all(p.grad is None for p in disc.parameters())
+    assert all(p.grad is not None for p in gen.parameters())
+    optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(disc.parameters(), disc_before))
+    assert all(not torch.equal(p, q) for p, q in zip(gen.parameters(), gen_before))
