@@ -1,0 +1,119 @@
+"""inpaint CLI on odd-size user photos with an untrained tiny generator export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hybridgan.config import load_config
+from hybridgan.exports import save_export
+from hybridgan.inpaint import Crop, default_mask, main
+from hybridgan.models import build_generator
+
+TINY = ["data.image_size=32", "mask.hole_size=16", "generator.base_channels=8", "generator.bottleneck=32"]
+WIDTH, HEIGHT = 301, 233
+
+
+def export_generator(path: Path, overrides: list[str] = ()) -> Path:
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY + list(overrides))
+    return save_export(build_generator(cfg).state_dict(), path, cfg, "generator")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inpaint")
+    stage = root / "runs" / "tiny" / "train-hybrid"
+    export_generator(stage / "generator.safetensors")
+    export_generator(root / "free.safetensors", ["mask.kind=random_box", "mask.min_box=8", "mask.max_box=16"])
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    smooth = np.stack([xx / WIDTH, yy / HEIGHT, (xx + yy) / (WIDTH + HEIGHT)], axis=-1) * 200
+    photo = (smooth + rng.integers(0, 50, (HEIGHT, WIDTH, 3))).astype(np.uint8)
+    Image.fromarray(photo).save(root / "face.png")
+    Image.fromarray(photo[::-1]).save(root / "other.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return root
+
+
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def changed_only_inside(out: Path, original: Path, mask: np.ndarray) -> None:
+    result, photo = read(out), read(original)
+    assert result.shape == photo.shape == (HEIGHT, WIDTH, 3)
+    assert np.array_equal(result[~mask], photo[~mask])  # exact outside the hole
+    assert (result[mask] != photo[mask]).any()
+
+
+def test_default_centre_hole_at_original_resolution(workdir, capsys):
+    out = workdir / "out-default"
+    rc = main(["--generator", str(workdir / "runs/tiny/train-hybrid"), str(workdir / "face.png"),
+               str(workdir / "other.png"), "--out", str(out)])
+    assert rc == 0
+    mask = default_mask(load_config(None, TINY), WIDTH, HEIGHT)
+    # crop 233x233 at column 34; the 16/32 centre hole scaled by 233/32 = 7.28: rows 59..173 (174.75 exclusive)
+    assert Crop.of(WIDTH, HEIGHT) == Crop(0, 34, 233)
+    rows, cols = np.nonzero(mask)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (59, 173, 34 + 59, 34 + 173)
+    changed_only_inside(out / "face_inpainted.png", workdir / "face.png", mask)
+    changed_only_inside(out / "other_inpainted.png", workdir / "other.png", mask)
+    side = Image.open(out / "face_side_by_side.png")
+    assert side.size == (3 * WIDTH + 4 * 4, 14 + HEIGHT + 2 * 4)
+    assert str(out / "face_inpainted.png") in capsys.readouterr().out
+
+
+def test_box_and_mask_png(workdir):
+    out = workdir / "out-box"
+    assert main(["--generator", str(workdir / "runs/tiny/train-hybrid/generator.safetensors"),
+                 str(workdir / "face.png"), "--out", str(out), "--box", "80,100,40,50"]) == 0
+    mask = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    mask[80:120, 100:150] = True
+    changed_only_inside(out / "face_inpainted.png", workdir / "face.png", mask)
+
+    free = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    free[10:60, 40:90] = True  # off-centre: needs a generator trained on free holes
+    Image.fromarray(free.astype(np.uint8) * 255).save(workdir / "hole.png")
+    out = workdir / "out-mask"
+    assert main(["--generator", str(workdir / "free.safetensors"), str(workdir / "face.png"),
+                 "--out", str(out), "--mask", str(workdir / "hole.png")]) == 0
+    changed_only_inside(out / "face_inpainted.png", workdir / "face.png", free)
+
+
+def test_bad_inputs_name_the_file_and_keep_other_outputs(workdir, capsys):
+    out = workdir / "out-bad"
+    gen = str(workdir / "runs/tiny/train-hybrid")
+    assert main(["--generator", gen, str(workdir / "broken.jpg"), str(workdir / "face.png"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.jpg: not a readable image" in err[0]
+    assert (out / "face_inpainted.png").is_file() and not (out / "broken_inpainted.png").exists()
+
+    Image.new("L", (WIDTH, HEIGHT - 1), 255).save(workdir / "small.png")
+    assert main(["--generator", gen, str(workdir / "face.png"), "--out", str(out),
+                 "--mask", str(workdir / "small.png")]) == 1
+    assert "small.png: mask is 301x232, the photo is 301x233" in capsys.readouterr().err
+    assert (out / "face_inpainted.png").is_file()  # an earlier output is not removed
+
+    assert main(["--generator", gen, str(workdir / "face.png"), "--out", str(out), "--box", "0,0,10,10"]) == 1
+    assert "100 hole pixels lie outside the centre crop" in capsys.readouterr().err
+    assert main(["--generator", gen, str(workdir / "face.png"), "--out", str(out), "--box", "5,40,20,20"]) == 1
+    assert "outside the central 16x16 hole this generator fills" in capsys.readouterr().err
+    assert main(["--generator", gen, str(workdir / "face.png"), "--out", str(out), "--box", "200,40,50,20"]) == 1
+    assert "reaches outside the 301x233 photo" in capsys.readouterr().err
+
+
+def test_missing_generator(workdir, capsys):
+    missing = workdir / "runs/none/train-hybrid"
+    assert main(["--generator", str(missing), str(workdir / "face.png"), "--out", str(workdir / "x")]) == 2
+    assert f"{missing}: generator export not found" in capsys.readouterr().err
+    empty = workdir / "runs/empty"
+    empty.mkdir(parents=True)
+    assert main(["--generator", str(empty), str(workdir / "face.png"), "--out", str(workdir / "x")]) == 2
+    assert f"{empty}: no generator.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--generator", str(empty), str(workdir / "face.png"), "--out", "x", "--box", "1,2,3"])
