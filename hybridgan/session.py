@@ -14,9 +14,12 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -134,12 +137,25 @@ class TrainingSession:
             self.checkpoints.load(latest)
             self.print(f"resumed {self.dir} from {latest.name} (step {self.state.step})")
         self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step)
+        self._record_launch()
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
         if self.is_main:
             self._bar = tqdm(total=total_steps, initial=self.state.step, desc=self.dir.name,
                              dynamic_ncols=True, file=sys.stderr)
         return self.state.step
+
+    def _record_launch(self) -> None:
+        """Append how this (re)start ran to `launches.jsonl`: world size, device, precision, step."""
+        if not self.is_main:
+            return
+        acc = self.accelerator
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+                  "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
+                  "device": str(acc.device), "mixed_precision": acc.mixed_precision,
+                  "start_step": self.state.step, "total_steps": self.total_steps}
+        with (self.dir / "launches.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum

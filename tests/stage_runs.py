@@ -1,0 +1,82 @@
+"""Helpers for tests that run training stages as real processes (kill, resume, multi-process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+ACCELERATE_2_RANKS = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29631"]
+
+
+def stage_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_stage(module: str, args: list[str], launcher: list[str] | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m module args` (or under `launcher`) to completion; output captured."""
+    command = [*(launcher or [sys.executable]), "-m", module, *args]
+    return subprocess.run(command, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_stage(module: str, args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=stage_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def latest_step(stage_dir: Path) -> int:
+    pointer = stage_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().split("-")[1]) if pointer.is_file() else 0
+
+
+def kill_after_checkpoint(module: str, args: list[str], stage_dir: Path, min_step: int,
+                          sig: int = signal.SIGKILL) -> subprocess.Popen:
+    """Start a stage, send `sig` once a checkpoint of at least `min_step` exists; returns the process."""
+    proc = start_stage(module, args)
+    try:
+        wait_for(lambda: latest_step(stage_dir) >= min_step or proc.poll() is not None, 300,
+                 f"a checkpoint in {stage_dir}")
+        assert proc.poll() is None, f"stage ended before it could be killed:\n{proc.stdout.read()}"
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc
+
+
+def read_records(stage_dir: Path, split: str) -> list[dict]:
+    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def assert_same_weights(path_a: Path, path_b: Path) -> None:
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def launches(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "launches.jsonl").read_text().splitlines()]

@@ -1,0 +1,99 @@
+"""Blur pretraining of the hybrid discriminator: learning, Table 1 in TensorBoard, resume, signals, 2 ranks."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import tiny_args, tiny_config
+from hybridgan.exports import load_export
+from hybridgan.pretrain import EXPORT_NAME, pretrain
+from hybridgan.session import EXIT_REQUEUE
+from stage_runs import (ACCELERATE_2_RANKS, assert_same_weights, kill_after_checkpoint, latest_step,
+                        launches, read_records, run_stage)
+
+LEARN = ["data.image_size=64", "pretrain.epochs=4", "pretrain.eval_batches=0", "pretrain.checkpoint_every=100"]
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_shards, tmp_path_factory):
+    """One in-process pretraining run at 64x64, long enough to learn the blur task."""
+    cfg = tiny_config(tiny_shards, tmp_path_factory.mktemp("runs"), *LEARN)
+    export = pretrain(cfg)
+    return cfg, export.parent
+
+
+def test_pretraining_learns_to_tell_blurred_from_sharp(learned):
+    _, stage = learned
+    table1 = read_records(stage, "test")
+    assert [r["epoch"] for r in table1] == [1, 2, 3, 4]
+    assert table1[-1]["test_loss"] < 0.7 * table1[0]["test_loss"]
+    assert table1[-1]["test_accuracy"] >= 0.9
+    epochs = read_records(stage, "epoch")
+    assert len(epochs) == 4 and epochs[-1]["disc_loss"] < epochs[0]["disc_loss"]
+
+
+def test_export_rebuilds_with_its_config(learned):
+    cfg, stage = learned
+    state, saved_cfg = load_export(stage / EXPORT_NAME, "discriminator")
+    assert saved_cfg == cfg
+    assert any(key.startswith("encoder") or "layer4" in key for key in state)
+    assert (stage / "config.yaml").read_text().count("image_size: 64") == 1
+
+
+def test_tensorboard_holds_table1_and_the_blur_grid(learned):
+    _, stage = learned
+    events = EventAccumulator(str(stage / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"test/test_loss", "test/test_accuracy", "epoch/disc_loss", "train/disc_loss"} <= set(tags["scalars"])
+    assert [round(e.value, 6) for e in events.Scalars("test/test_loss")] == \
+        [round(r["test_loss"], 6) for r in read_records(stage, "test")]
+    image = events.Images("test/original_blurred_pixelmap")[-1]
+    assert image.width == 3 * 64 + 4 * 2 and image.height > 64
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_shards, tmp_path):
+    base = ["pretrain.epochs=2", "pretrain.checkpoint_every=3"]
+    done = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, "run.name=whole", *base))
+    assert done.returncode == 0, done.stderr
+    args = tiny_args(tiny_shards, tmp_path, "run.name=killed", *base)
+    stage = tmp_path / "killed" / "pretrain"
+    kill_after_checkpoint("hybridgan.pretrain", args, stage, min_step=3)
+    interrupted_at = latest_step(stage)
+    assert 3 <= interrupted_at < 16
+    resumed = run_stage("hybridgan.pretrain", args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["start_step"] for r in launches(stage)] == [0, interrupted_at]
+    assert_same_weights(tmp_path / "whole" / "pretrain" / EXPORT_NAME, stage / EXPORT_NAME)
+    steps = [r["step"] for r in read_records(stage, "train")]
+    assert steps == sorted(set(steps)), "a step was logged twice after the resume"
+
+
+def test_sigterm_checkpoints_before_exit(tiny_shards, tmp_path):
+    args = tiny_args(tiny_shards, tmp_path, "pretrain.epochs=20", "pretrain.checkpoint_every=2")
+    stage = tmp_path / "t" / "pretrain"
+    proc = kill_after_checkpoint("hybridgan.pretrain", args, stage, min_step=2, sig=signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.returncode == EXIT_REQUEUE, output
+    assert "re-run the same command to resume" in output
+    stopped_at = latest_step(stage)
+    assert stopped_at >= 2
+    assert read_records(stage, "train")[-1]["step"] == stopped_at
+    assert (stage / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    assert not list((stage / "checkpoints").glob(".partial-*"))
+
+
+def test_two_real_processes_share_gradients_and_only_rank0_writes(tiny_shards, tmp_path):
+    args = tiny_args(tiny_shards, tmp_path, "pretrain.epochs=1", "pretrain.batch_size=4")
+    result = run_stage("hybridgan.pretrain", args, launcher=ACCELERATE_2_RANKS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = tmp_path / "t" / "pretrain"
+    [launch] = launches(stage)
+    assert launch["world_size"] == 2 and "MULTI_CPU" in launch["distributed_type"]
+    assert len(list((stage / "tb").glob("events.out.tfevents.*"))) == 1
+    assert result.stdout.count("pretraining done") == 1
+    # 64 train images, 2 ranks x batch 4: 8 steps, each the mean over both ranks' batches
+    assert read_records(stage, "epoch")[0]["step"] == 8
