@@ -74,7 +74,7 @@ def load_resnet_weights(encoder: nn.Module, path: str | Path) -> None:
         if value.shape != expected[key].shape:
             raise ModelWeightsError(f"{path}: {key} has shape {tuple(value.shape)}, "
                                     f"resnet50 expects {tuple(expected[key].shape)}")
-    encoder.load_state_dict(state, strict=False)
+    encoder.load_state_dict(state)
 
 
 def _conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
