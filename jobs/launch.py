@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -120,8 +121,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"launch: {err}") from None
     print(f"[launch] node {a.node_rank}/{a.nnodes}: {shlex.join(cmd)}", flush=True)
     if not a.dry_run:
-        sys.stderr.flush()
+        _ignore_stop_signals()
         os.execvp(cmd[0], cmd)
+
+
+def _ignore_stop_signals() -> None:
+    """Let the launcher outlive SIGTERM/SIGUSR1 (kept across exec) while the stage checkpoints.
+
+    Slurm signals every process of a step; Accelerate's single-process launcher would die at once
+    and the step would end, killing the stage mid-checkpoint. The stage installs its own handlers,
+    and torchrun's agent (multi-process) installs its own SIGTERM handler that forwards to workers.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
