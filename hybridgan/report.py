@@ -149,6 +149,7 @@ def loss_curves_png(series: dict[str, list[dict[str, Any]]], path: str | Path, k
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for axis, key in zip(axes[0], keys):
@@ -158,6 +159,7 @@ def loss_curves_png(series: dict[str, list[dict[str, Any]]], path: str | Path, k
                 axis.plot(*zip(*points), marker="o", label=label)
         axis.set_title(key)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)

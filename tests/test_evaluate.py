@@ -1,0 +1,123 @@
+"""evaluate on the tiny synthetic pack with two untrained generators: files, sizes, values, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from stage_runs import run_stage
+from hybridgan.evaluate import BASELINE, main
+from hybridgan.exports import save_export
+from hybridgan.metrics import METRICS
+from hybridgan.models import build_generator
+
+
+def make_run(stage: Path, shards: Path, runs: Path, kind: str, seed: int, epochs: int = 0) -> Path:
+    """An untrained generator export in `stage`, and `epochs` hand-written epoch records."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(shards, runs, f"discriminator.kind={kind}")
+    save_export(build_generator(cfg).state_dict(), stage / "generator.safetensors", cfg, "generator")
+    records = [{"step": 4 * e, "epoch": e, "split": "epoch", "gen_adv_loss": 1.0 / e,
+                "gen_pixel_loss": 0.2 / e, "disc_loss": 0.5} for e in range(1, epochs + 1)]
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return stage
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_shards: Path, tmp_path_factory) -> tuple[Path, int]:
+    runs = tmp_path_factory.mktemp("runs")
+    hybrid = make_run(runs / "t" / "train-hybrid", tiny_shards, runs, "hybrid", 0, epochs=3)
+    pathak = make_run(runs / "t" / "train-pathak", tiny_shards, runs, "pathak", 1)
+    rc = main([str(hybrid), str(pathak / "generator.safetensors"), "--batch-size", "3"])
+    return runs / "t" / "eval", rc
+
+
+def test_eval_files_and_values(evaluated):
+    out, rc = evaluated
+    assert rc == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert results["split"] == "test" and results["mask"] == {"kind": "center", "hole_size": 16, "seed": 0}
+    rows = {row["name"]: row for row in results["runs"]}
+    assert list(rows) == ["train-hybrid", "train-pathak", BASELINE]
+    assert rows["train-hybrid"]["discriminator"] == "hybrid" and rows["train-pathak"]["discriminator"] == "pathak"
+    for row in rows.values():
+        assert row["n"] == 8  # the whole test split (8 images, batches of 3, 3 + 3 + 2)
+        assert set(row["metrics"]) == set(METRICS)
+        assert all(math.isfinite(v) for v in row["metrics"].values())
+        assert 0 < row["metrics"]["psnr"] < 100 and -1 <= row["metrics"]["ssim"] <= 1
+        assert 0 < row["metrics"]["l2"] <= row["metrics"]["l1"] <= 1
+    # Two different untrained generators give different fills.
+    assert rows["train-hybrid"]["metrics"]["psnr"] != rows["train-pathak"]["metrics"]["psnr"]
+    table = (out / "eval.md").read_text().splitlines()
+    assert table[0] == "| run | discriminator | PSNR (dB) | SSIM | L1 | L2 | sharpness | images |"
+    assert table[2].startswith("| train-hybrid | hybrid | ") and table[4].startswith(f"| {BASELINE} | - | ")
+    assert table[4].endswith(" | 8 |")
+
+
+def test_figures(evaluated):
+    out, _ = evaluated
+    figure = Image.open(out / "figure.png")
+    # 4 columns (masked, 2 runs, original) of 32 px faces shown at 128 px; smoke eval.figure_rows = 4
+    # faces, each a row of faces and a row of zoomed holes; 2 px padding, 14 px of labels.
+    assert figure.size == (4 * 128 + 5 * 2, 14 + 8 * 128 + 9 * 2)
+    pixels = torch.from_numpy(np.asarray(figure.convert("RGB")).copy())
+    original_col = pixels[14 + 2:14 + 2 + 128, 2 + 3 * 130:2 + 3 * 130 + 128]
+    masked_col = pixels[14 + 2:14 + 2 + 128, 2:2 + 128]
+    # Masked and original agree outside the hole (centre 64x64 of the 128 cell) and differ inside.
+    assert torch.equal(masked_col[:32], original_col[:32])
+    assert not torch.equal(masked_col[32:96, 32:96], original_col[32:96, 32:96])
+    assert (masked_col[32:96, 32:96] == 128).all()  # the hole is 0 in [-1, 1]: mid-grey
+    losses = Image.open(out / "losses.png")
+    assert losses.format == "PNG" and losses.size[0] > 600
+
+
+def test_same_numbers_when_run_again(evaluated, tmp_path):
+    out, _ = evaluated
+    first = json.loads((out / "eval.json").read_text())
+    hybrid = Path(first["runs"][0]["path"])
+    assert main([str(hybrid), "--batch-size", "8", "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["runs"][0]["metrics"] == pytest.approx(first["runs"][0]["metrics"], rel=1e-5)
+    assert again["runs"][1]["metrics"] == pytest.approx(first["runs"][2]["metrics"], rel=1e-5)
+    assert main([str(hybrid), "--max-batches", "1", "--batch-size", "3", "--out", str(tmp_path)]) == 0
+    assert [row["n"] for row in json.loads((tmp_path / "eval.json").read_text())["runs"]] == [3, 3]
+
+
+def test_errors_name_the_path(evaluated, tmp_path, capsys):
+    out, _ = evaluated
+    empty = tmp_path / "train-empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {empty}: no generator.safetensors"]
+    hybrid = out.parent / "train-hybrid"
+    assert main([str(hybrid), "--shards", str(tmp_path / "noshards"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"shards folder {tmp_path / 'noshards'} not found" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_numbers(evaluated, tiny_shards, tmp_path):
+    """A real 2-rank gloo run: each rank handles every other batch; the gathered means are the same."""
+    out, _ = evaluated
+    single = json.loads((out / "eval.json").read_text())
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29647"]
+    proc = run_stage("hybridgan.evaluate", [str(out.parent / "train-hybrid"), str(out.parent / "train-pathak"),
+                                            "--cpu", "--batch-size", "3", "--out", str(tmp_path)],
+                     launcher=launcher, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    double = json.loads((tmp_path / "eval.json").read_text())
+    for one, two in zip(single["runs"], double["runs"]):
+        assert (one["name"], one["n"]) == (two["name"], two["n"])
+        assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-5)
