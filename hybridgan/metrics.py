@@ -23,6 +23,7 @@ process::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -180,12 +181,14 @@ class HoleMetrics:
         return values
 
     def per_image(self) -> dict[str, Tensor]:
-        """All values so far, one flat tensor per metric."""
-        return {name: torch.cat(chunks) for name, chunks in self._values.items()}
+        """All values so far, one flat tensor per metric (every METRICS name, empty before any add)."""
+        names = list(METRICS) + [name for name in self._values if name not in METRICS]
+        return {name: torch.cat(self._values[name]) if self._values.get(name) else torch.empty(0)
+                for name in names}
 
     def compute(self) -> dict[str, float]:
-        """Mean of each metric over all images so far, plus `n`, the number of images."""
+        """Mean of each metric over all images so far (NaN before any), plus `n`, the number of images."""
         values = self.per_image()
-        summary = {name: float(value.mean()) for name, value in values.items()}
-        summary["n"] = int(next(iter(values.values())).numel()) if values else 0
+        summary = {name: float(value.mean()) if value.numel() else math.nan for name, value in values.items()}
+        summary["n"] = int(values["psnr"].numel())
         return summary
