@@ -15,7 +15,8 @@ next to the first RUN's stage folder):
 - `eval.json`: per row (each RUN, then the baseline) name, path, discriminator kind, metrics, n;
 - `eval.md`: the same as a Markdown table;
 - `figure.png`: test faces, columns masked | RUN 1 | RUN 2 | ... | original, each face followed by
-  a row of zoomed crops of its hole (the eyes and nose of an aligned face under the centre hole);
+  a row of zoomed crops of its hole (the eyes and nose of an aligned face under the centre hole),
+  `eval.figure_rows` faces from the first batches (none and no figure when 0);
 - `losses.png`: gen_adv_loss, gen_pixel_loss, disc_loss per epoch from each RUN's metrics.jsonl.
 """
 
