@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from hybridgan.data.loader import LoaderError, batches_per_epoch, make_loader
 from hybridgan.pack import pack
 
 SIZE = 32
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -131,3 +133,17 @@ def test_blur_target_follows_square_crop_and_flip(shards):
             far[9:19, cols.start - 1:cols.stop + 1] = False  # resampling touches one pixel around
             assert torch.equal(blurred[:, far], image[:, far])
     assert 0 < flips < 48 and changed >= 40
+
+
+def test_bench_loader_reports_figures(shards, tmp_path, capsys):
+    from hybridgan.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["loader", "--shards", str(shards), "--workers", "0,1", "--batches", "3",
+                 "--pack-images", "12", "--json", str(out), "--config", str(REPO / "configs/smoke-cpu.yaml"),
+                 f"data.image_size={SIZE}", "mask.hole_size=16"]) == 0
+    figures = json.loads(out.read_text())
+    assert [row["workers"] for row in figures["loader"]] == [0, 1]
+    assert all(row["images"] == 3 * 16 and row["images_per_s"] > 0 for row in figures["loader"])
+    assert figures["pack"][0]["images"] == 12 and figures["pack"][0]["images_per_s"] > 0
+    assert "train loader" in capsys.readouterr().out

@@ -1,0 +1,5 @@
+"""Data: synthetic faces, masks, the pretraining blur, pack manifests and the WebDataset loader.
+
+Submodules are imported where used (`hybridgan.data.loader` pulls in torch and webdataset):
+`synthetic`, `masks`, `blur`, `manifest`, `loader`; packing lives in `hybridgan.pack`.
+"""

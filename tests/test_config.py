@@ -1,0 +1,105 @@
+"""hybridgan.config: YAML + dotted overrides, one-line errors naming the key or file, round trip."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from hybridgan.config import (Config, ConfigError, add_config_arguments, config_from_args,
+                              load_config, save_config)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_shipped_configs_load():
+    paper = load_config(REPO / "configs/paper.yaml")
+    assert paper.data.image_size == 128 and paper.mask.hole_size == 64 and paper.loss.alpha == 0.999
+    smoke = load_config(REPO / "configs/smoke-cpu.yaml")
+    assert smoke.data.source == "synthetic:600" and smoke.train.cpu is True
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  batch_sise: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = _one_line(err)
+    assert str(path) in message and "batch_sise" in message
+
+
+def test_unknown_key_in_override_names_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.imagesize=64"])
+    assert "data.imagesize" in _one_line(err)
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  image_size: large\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = _one_line(err)
+    assert "image_size" in message and str(path) in message
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])
+
+
+def test_missing_file_names_file(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "nope.yaml")
+    assert str(tmp_path / "nope.yaml") in _one_line(err) and "not found" in str(err.value)
+
+
+def test_dotted_override_changes_value():
+    cfg = load_config(REPO / "configs/paper.yaml", ["train.batch_size=32", "data.hflip=false",
+                                                    "blur.max_variance=12.5"])
+    assert cfg.train.batch_size == 32 and cfg.data.hflip is False and cfg.blur.max_variance == 12.5
+    assert cfg.pretrain.batch_size == 16  # untouched
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.image_size=0", "data.image_size"),
+    ("data.image_size=100", "data.image_size"),
+    ("pack.jpeg_quality=101", "pack.jpeg_quality"),
+    ("mask.kind=circle", "mask.kind"),
+    ("mask.hole_size=128", "mask.hole_size"),
+    ("blur.min_variance=-1", "blur.min_variance"),
+    ("blur.max_side=200", "blur.max_side"),
+    ("data.crop_fraction=1.5", "data.crop_fraction"),
+])
+def test_out_of_range_value_names_key_and_value(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = _one_line(err)
+    assert message.startswith(key) and override.split("=")[1] in message
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.batch_size"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs/smoke-cpu.yaml", ["run.name=rt", "train.betas=[0.9,0.99]"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert isinstance(again, Config) and again == cfg and again.train.betas == [0.9, 0.99]
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_cli_helpers_exit_with_one_line(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(REPO / "configs/smoke-cpu.yaml"), "train.epochs=7"])
+    assert config_from_args(args).train.epochs == 7
+    with pytest.raises(SystemExit) as err:
+        config_from_args(parser.parse_args(["--config", str(tmp_path / "x.yaml")]))
+    assert str(err.value).startswith("config error: ") and "x.yaml" in str(err.value)
