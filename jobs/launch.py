@@ -2,7 +2,7 @@
 
 The sbatch templates run it once per node through `srun`:
 
-    srun --ntasks-per-node=1 python -m jobs.launch --module hybridgan.train -- --config FILE ...
+    srun --ntasks-per-node=1 python -m jobs.launch -m hybridgan.train --config FILE ...
 
 With no flags it reads the Slurm variables of the task (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST,
 SLURM_JOB_ID) and the template's (GPUS_PER_NODE, ACCELERATE_CONFIG, MAIN_PORT), prints the exact
@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m jobs.launch",
         description="Render (and exec) the accelerate launch line of this Slurm task.",
     )
-    p.add_argument("--module", required=True, help="module to launch, e.g. hybridgan.train")
+    p.add_argument("-m", "--module", required=True,
+                   help="module to launch, e.g. hybridgan.train; what follows it is its arguments")
     p.add_argument("--nnodes", type=int, default=_env_int("SLURM_NNODES", 1))
     p.add_argument("--node-rank", default=env.get("SLURM_NODEID", "0"))
     p.add_argument("--main-ip", default=None, help="default: first host of SLURM_JOB_NODELIST")
@@ -103,13 +104,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--accelerate-config", default=env.get("ACCELERATE_CONFIG") or None)
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the module's arguments")
     return p
 
 
+def _split_module(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Own options up to and including `-m MODULE`, then the module's arguments (as `python -m`)."""
+    for i, arg in enumerate(argv):
+        if arg in ("-m", "--module"):
+            return argv[: i + 2], argv[i + 2 :]
+        if arg.startswith("--module="):
+            return argv[: i + 1], argv[i + 1 :]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> None:
-    a = _parser().parse_args(argv)
-    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    own, args = _split_module(sys.argv[1:] if argv is None else argv)
+    a = _parser().parse_args(own)
     if a.accelerate_config and not Path(a.accelerate_config).is_file():
         raise SystemExit(f"launch: ACCELERATE_CONFIG={a.accelerate_config}: file not found")
     main_ip = a.main_ip or first_host(os.environ.get("SLURM_JOB_NODELIST", ""))

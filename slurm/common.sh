@@ -132,5 +132,5 @@ hg_train() {
   export GPUS_PER_NODE="$gpus" ACCELERATE_CONFIG
   # jobs.launch renders the accelerate line from each node's SLURM_NODEID and prints it.
   hg_run srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    python -m jobs.launch --main-ip "$main_ip" --module "$module" -- "${args[@]}"
+    python -m jobs.launch --main-ip "$main_ip" -m "$module" "${args[@]}"
 }

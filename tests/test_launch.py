@@ -68,8 +68,8 @@ def test_cli_reads_slurm_variables(tmp_path) -> None:
         "GPUS_PER_NODE": "8",
     }
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.launch", "--dry-run", "--main-ip", "gpu07", "--module",
-         "hybridgan.train", "--", "--config", "c.yaml"],
+        [sys.executable, "-m", "jobs.launch", "--dry-run", "--main-ip", "gpu07", "-m",
+         "hybridgan.train", "--config", "c.yaml"],
         env=env, cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout
     assert out.strip() == (
@@ -82,7 +82,7 @@ def test_cli_reads_slurm_variables(tmp_path) -> None:
 def test_cli_missing_accelerate_config_is_one_line(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.launch", "--dry-run", "--accelerate-config",
-         str(tmp_path / "nope.yaml"), "--module", "m"],
+         str(tmp_path / "nope.yaml"), "-m", "m"],
         cwd=REPO, capture_output=True, text=True,
     )
     assert proc.returncode != 0
