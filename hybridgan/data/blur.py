@@ -30,8 +30,10 @@ def _convolve(array: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
     """`array` convolved with `kernel` along `axis`, trimmed to 'valid' (shrinks by len-1)."""
     n = array.shape[axis] - len(kernel) + 1
     out = np.zeros(array.shape[:axis] + (n,) + array.shape[axis + 1:], dtype=np.float32)
+    window = [slice(None)] * array.ndim
     for i, weight in enumerate(kernel):
-        out += weight * np.take(array, np.arange(i, i + n), axis=axis)
+        window[axis] = slice(i, i + n)
+        out += weight * array[tuple(window)]
     return out
 
 
