@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[launch] node {a.node_rank}/{a.nnodes}: {shlex.join(cmd)}", flush=True)
     if not a.dry_run:
         _ignore_stop_signals()
-        os.execvp(cmd[0], cmd)
+        # The same command through this interpreter: no need for the venv's bin/ on PATH.
+        os.execv(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *cmd[2:]])
 
 
 def _ignore_stop_signals() -> None:

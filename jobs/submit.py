@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -222,15 +223,24 @@ def _wait_local(stage: str, job: submitit.Job) -> None:
 def _report_after(args: argparse.Namespace, run_dir: Path, cfg: Config, ids: dict[str, str],
                   evaluate: submitit.Job) -> str | None:
     """report.md once evaluation is done: now (local) or as a small dependent job (Slurm)."""
-    timings = [(stage, f"job {job_id}") for stage, job_id in ids.items()]
     if args.cluster == "local":
-        print(f"[submit] report: {write_report(cfg, timings)}")
+        print(f"[submit] report: {write_report(cfg, [(s, f'job {i}') for s, i in ids.items()])}")
         return None
     executor = executor_for(args, run_dir / "submitit", "report")
     executor.update_parameters(slurm_dependency=f"afterok:{evaluate.job_id}", slurm_time="00:10:00")
-    job = executor.submit(write_report, cfg, timings)
+    job = executor.submit(report_job, cfg, ids)
     print(f"[submit] report: job {job.job_id} (afterok:{evaluate.job_id}) writes {run_dir / 'report.md'}")
     return str(job.job_id)
+
+
+def report_job(cfg: Config, ids: dict[str, str]) -> str:
+    """The Slurm report job: each stage's run time (from scontrol, while Slurm remembers the job)."""
+    timings = []
+    for stage, job_id in ids.items():
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+        found = re.search(r"\bRunTime=(\S+)", out)
+        timings.append((stage, f"{found.group(1)} (job {job_id})" if found else f"job {job_id}"))
+    return str(write_report(cfg, timings))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,6 +26,9 @@ hg_init() {
     eval "$HYBRIDGAN_ACTIVATE" || hg_die "HYBRIDGAN_ACTIVATE='$HYBRIDGAN_ACTIVATE' failed"
   fi
   [ -f "$CONFIG" ] || hg_die "CONFIG=$CONFIG: config file not found (relative to $HYBRIDGAN_ROOT)"
+  if [ -n "${ACCELERATE_CONFIG:-}" ] && [ ! -f "$ACCELERATE_CONFIG" ]; then
+    hg_die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG: file not found (relative to $HYBRIDGAN_ROOT)"
+  fi
   local extra
   read -ra extra <<<"$OVERRIDES"
   HG_OVERRIDES=("${extra[@]}" "$@")
@@ -123,9 +126,6 @@ hg_train() {
   gpus="$(hg_gpus_per_node)"
   nodes="${SLURM_NNODES:-1}"
   ACCELERATE_CONFIG="${ACCELERATE_CONFIG-$(hg_default_accelerate_config "$gpus" "$nodes")}"
-  if [ -n "$ACCELERATE_CONFIG" ] && [ ! -f "$ACCELERATE_CONFIG" ]; then
-    hg_die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG: file not found"
-  fi
   local args=(--config "$CONFIG" "${HG_OVERRIDES[@]}")
   [ "$gpus" -eq 0 ] && args+=("$key.cpu=true")
   main_ip="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"

@@ -8,7 +8,8 @@
 #
 # State lives in $HYBRIDGAN_SLURM_DIR (default /tmp/hybridgan-slurm). `start` writes
 # $HYBRIDGAN_SLURM_DIR/env (`export SLURM_CONF=...`) for the tests to read; when Slurm cannot be
-# started it writes the reason to $HYBRIDGAN_SLURM_DIR/unavailable and exits non-zero.
+# started it writes the reason to $HYBRIDGAN_SLURM_DIR/unavailable and exits non-zero: 3 when this
+# machine cannot have Slurm at all (no apt-get, not root: tests skip with the reason), 1 otherwise.
 # CPU only, no cgroups, no accounting daemon (`scontrol show job` works, `sacct` does not).
 set -euo pipefail
 
@@ -23,7 +24,11 @@ fail() {
   mkdir -p "$dir"
   echo "$*" > "$dir/unavailable"
   log "error: $*"
-  exit 1
+  exit "${HG_FAIL_CODE:-1}"
+}
+
+unavailable() {
+  HG_FAIL_CODE=3 fail "$@"
 }
 
 install_packages() {
@@ -32,13 +37,13 @@ install_packages() {
     command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  [ "$(id -u)" -eq 0 ] || fail "Slurm is not installed (${missing[*]} missing) and installing it needs root"
-  command -v apt-get >/dev/null 2>&1 || fail "Slurm is not installed (${missing[*]} missing) and apt-get is not available"
+  [ "$(id -u)" -eq 0 ] || unavailable "Slurm is not installed (${missing[*]} missing) and installing it needs root"
+  command -v apt-get >/dev/null 2>&1 || unavailable "Slurm is not installed (${missing[*]} missing) and apt-get is not available"
   log "installing slurmctld slurmd slurm-client munge with apt-get"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >"$dir/apt.log" 2>&1 || fail "apt-get update failed (see $dir/apt.log)"
+  apt-get update -qq >"$dir/apt.log" 2>&1 || unavailable "apt-get update failed (see $dir/apt.log)"
   apt-get install -y -qq slurmctld slurmd slurm-client munge >>"$dir/apt.log" 2>&1 \
-    || fail "apt-get install slurmctld slurmd slurm-client munge failed (see $dir/apt.log)"
+    || unavailable "apt-get install slurmctld slurmd slurm-client munge failed (see $dir/apt.log)"
 }
 
 write_conf() {
@@ -112,7 +117,7 @@ cmd_start() {
     return 0
   fi
   install_packages
-  [ "$(id -u)" -eq 0 ] || fail "starting slurmctld/slurmd/munged needs root"
+  [ "$(id -u)" -eq 0 ] || unavailable "starting slurmctld/slurmd/munged needs root"
   cmd_stop quiet
   write_conf
   start_munge
