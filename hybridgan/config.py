@@ -177,6 +177,10 @@ def _get(cfg: Config, dotted: str) -> Any:
     return value
 
 
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
 def _check_ranges(cfg: Config) -> None:
     """Raise ConfigError (message: key and value) for the first value outside its range."""
     for key, choices in _CHOICES.items():
@@ -199,8 +203,10 @@ def _check_ranges(cfg: Config) -> None:
         ("mask.max_box", cfg.mask.kind != "random_box"
          or cfg.mask.min_box <= cfg.mask.max_box < cfg.data.image_size,
          "must satisfy mask.min_box <= mask.max_box < data.image_size"),
-        ("data.image_size", cfg.data.image_size % 16 == 0, "must be a multiple of 16"),
-        ("mask.hole_size", cfg.mask.hole_size % 4 == 0, "must be a multiple of 4"),
+        ("data.image_size", _power_of_two(cfg.data.image_size) and cfg.data.image_size >= 32,
+         "must be a power of two >= 32 (the generator halves it down to 4x4, ResNet50 by 32)"),
+        ("mask.hole_size", _power_of_two(cfg.mask.hole_size) and cfg.mask.hole_size >= 8,
+         "must be a power of two >= 8 (the generator's up-convolutions double from 4x4)"),
         ("blur.max_side", cfg.blur.min_side <= cfg.blur.max_side, "must be >= blur.min_side"),
         ("blur.max_side", cfg.blur.top_left + cfg.blur.max_side <= cfg.pack.source_size,
          f"plus blur.top_left must fit in pack.source_size={cfg.pack.source_size}"),

@@ -101,6 +101,20 @@ def _light(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.minimum(lit, 255).astype(np.uint8))
 
 
+def _texture(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Fine grain, like skin pores and sensor noise: what a blur removes first, as in real photos.
+
+    Two scales of noise (per pixel and per 2x2 block) so that some of it survives the resize to
+    64 or 128 that the loader applies.
+    """
+    amplitude = rng.uniform(5.0, 9.0)
+    fine = rng.normal(0.0, 1.0, (FRAME, FRAME, 1))
+    coarse = np.kron(rng.normal(0.0, 1.0, (FRAME // 2, FRAME // 2, 1)), np.ones((2, 2, 1)))
+    grain = amplitude * (0.5 * fine + coarse)
+    pixels = np.asarray(image, dtype=np.float32) + grain.astype(np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
 def synthetic_face(index: int, seed: int = 0, size: int = FRAME) -> Image.Image:
     """The synthetic face number `index` for `seed`: a deterministic RGB image of `size` x `size`."""
     rng = _rng(index, seed)
@@ -113,7 +127,7 @@ def synthetic_face(index: int, seed: int = 0, size: int = FRAME) -> Image.Image:
     image = image.rotate(rng.uniform(-8, 8), resample=Image.BILINEAR, center=(cx, cy),
                          fillcolor=background)
     image = image.filter(ImageFilter.BoxBlur(1))
-    image = _light(image, rng)
+    image = _texture(_light(image, rng), rng)
     if size != FRAME:
         image = image.resize((size, size), Image.BICUBIC)
     return image
