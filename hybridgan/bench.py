@@ -1,27 +1,115 @@
 """Throughput benchmarks, one subcommand each.
 
     python -m hybridgan.bench loader --shards shards/NAME [--workers 1,2] [--batches N] [--json PATH]
+    python -m hybridgan.bench pretrain|train|all [--config FILE] [--steps N] [--warmup N]
+        [--batch-size B] [--data synthetic|shards] [--json PATH] [key=value ...]
 
 `loader`: train-split images/s of `make_loader` at `data.image_size` for each worker count (the
 first batch, which pays for worker start-up, is timed apart), then images/s of `hybridgan.pack`
 on `synthetic:N` into a temporary folder (synthetic drawing, JPEG encoding and tar writing).
+
+`pretrain` / `train`: images/s of the real `BlurPretraining.step` / `GanTraining.step` (D kind from
+`discriminator.kind`, D from scratch) at the stage's precision, channels_last and compile settings,
+in a throwaway run folder. The step time is split into data wait, D phase and G phase; with the
+model FLOPs per image come achieved TFLOP/s and MFU (known GPUs only), and the paper's speed for
+comparison. `--data synthetic` (default) feeds one random batch made once on the device: the
+step's compute alone; `--data shards` reads `data.shards` with the real loader. `all`: the loader
+at `data.workers`, then pretrain, then train, into one JSON. benchmarks/README.md explains each figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import platform
+import resource
 import sys
 import tempfile
 import time
 from dataclasses import replace
-from itertools import count
+from itertools import count, repeat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from hybridgan.config import Config, add_config_arguments, config_from_args
+import torch
 
+from hybridgan.config import Config, ConfigError, add_config_arguments, config_from_args, load_config
+from hybridgan.models import model_summary
+from hybridgan.session import TrainingSession
+
+PAPER_IMAGES_PER_S = 20 * 28_000 / (45 * 60)
+"""The paper's only speed figure (§3): 20 epochs of 28,000 images in about 45 min on one RTX 3090."""
+
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+                   ("RTX 3090", 71e12))
+"""Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, first match wins; MFU's denominator."""
+
+STAGES = ("pretrain", "train")
+
+
+class PhaseTimer:
+    """Wall seconds per named phase. On CUDA it synchronises at each phase's start and end, so that
+    a phase's time is its own kernels' and not the queue left by the phase before."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` with every call's wall time added to `seconds[name]`."""
+        def timed(*args: Any) -> Any:
+            self.sync()
+            start = time.perf_counter()
+            out = fn(*args)
+            self.sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return timed
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo with the number of cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def peak_flops(name: str) -> float | None:
+    """The device's dense bf16 peak from PEAK_BF16_FLOPS, None when unknown (every CPU)."""
+    return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
+
+
+def step_flops(stage: str, job: Any, session: TrainingSession, cfg: Config) -> dict[str, Any]:
+    """Approximate FLOPs of one training step per batch image, from forward counts (backward ~ 2x forward).
+
+    pretrain: D sees the original and the blurred copy: 2 x (D fwd + bwd) = 6 D.
+    train: D phase: G fwd without grad (1 G) + D fwd+bwd on real and fake (6 D); G phase: G fwd+bwd
+    (3 G) + D fwd on the fake and the backward to D's input only, its weights frozen (~2 D): 4 G + 8 D.
+    """
+    acc, size, device = session.accelerator, cfg.data.image_size, session.device
+    image = torch.zeros(1, 3, size, size, device=device)
+    disc = acc.unwrap_model(job.disc, keep_torch_compile=False)
+    d_fwd = model_summary(disc, image)["flops_per_image"]
+    params = {"discriminator": sum(p.numel() for p in disc.parameters())}
+    if stage == "pretrain":
+        return {"discriminator_forward": d_fwd, "step_per_image": 6 * d_fwd, "formula": "6 D", "params": params}
+    gen = acc.unwrap_model(job.gen, keep_torch_compile=False)
+    g_fwd = model_summary(gen, image, torch.zeros(1, 1, size, size, device=device))["flops_per_image"]
+    params["generator"] = sum(p.numel() for p in gen.parameters())
+    return {"generator_forward": g_fwd, "discriminator_forward": d_fwd, "step_per_image": 4 * g_fwd + 8 * d_fwd,
+            "formula": "4 G + 8 D", "params": params}
 
 def _worker_list(text: str) -> list[int]:
     try:
@@ -109,7 +197,207 @@ def _add_loader(subparsers: Any) -> None:
     parser.set_defaults(func=run_loader)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_loader]
+def synthetic_batches(cfg: Config, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """One random batch of the loader's keys and shapes, made once on `device`, yielded forever."""
+    size, hole = cfg.data.image_size, cfg.mask.hole_size
+    rng = torch.Generator().manual_seed(cfg.run.seed)
+    image = torch.rand(batch_size, 3, size, size, generator=rng) * 2 - 1
+    blur_target = torch.ones(batch_size, 1, size, size)
+    lo = (size - hole) // 2
+    blur_target[..., lo:lo + hole, lo:lo + hole] = 0
+    blurred = image * blur_target + 0.5 * image * (1 - blur_target)
+    batch = {"image": image, "blurred": blurred, "blur_target": blur_target}
+    return repeat({name: value.to(device) for name, value in batch.items()})
+
+
+def shard_batches(cfg: Config, stage: str, batch_size: int, session: TrainingSession) -> Iterator[dict[str, Any]]:
+    """This rank's train batches from `data.shards`, epoch after epoch, as the stage's loop reads them."""
+    from hybridgan.data.loader import LoaderError, make_loader
+
+    for epoch in count():
+        empty = True
+        for batch in make_loader(cfg, "train", batch_size=batch_size, epoch=epoch, rank=session.rank,
+                                 world_size=session.world_size, with_blur=stage == "pretrain"):
+            empty = False
+            yield batch
+        if empty:
+            raise LoaderError(f"{cfg.data.shards}: the train split holds no full batch of {batch_size}")
+
+
+def _stage_job(cfg: Config, stage: str, timer: PhaseTimer) -> tuple[TrainingSession, Any, Callable[[dict], dict]]:
+    """The stage's session, its real job object, and its step with the D and G phases timed.
+
+    GanTraining.step calls `self.discriminator_step` then `self.generator_step`: wrapping those two
+    on the instance times the phases of the unchanged step. A pretraining step is all D phase.
+    """
+    from accelerate.state import AcceleratorState
+
+    from hybridgan.pretrain import STAGE, BlurPretraining
+    from hybridgan.train import GanTraining, stage_name
+
+    AcceleratorState._reset_state()  # the stages of `all` may differ in mixed precision
+    if stage == "pretrain":
+        session = TrainingSession(cfg, STAGE, cfg.pretrain)
+        job: Any = BlurPretraining(cfg, session)
+        return session, job, timer.wrap("d_phase", job.step)
+    session = TrainingSession(cfg, stage_name(cfg), cfg.train)
+    job = GanTraining(cfg, session)
+    job.discriminator_step = timer.wrap("d_phase", job.discriminator_step)
+    job.generator_step = timer.wrap("g_phase", job.generator_step)
+    return session, job, job.step
+
+
+def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "synthetic") -> dict[str, Any]:
+    """Time `steps` steps of `stage` ("pretrain" or "train") after `warmup` untimed ones; the figures.
+
+    `cfg.run.root` should be a throwaway folder: the session writes its stage folder there.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    stage_cfg = getattr(cfg, stage)
+    timer = PhaseTimer(torch.device("cuda" if torch.cuda.is_available() and not stage_cfg.cpu else "cpu"))
+    session, job, step = _stage_job(cfg, stage, timer)
+    timer.cuda = session.device.type == "cuda"
+    flops = step_flops(stage, job, session, cfg)
+    batches = (synthetic_batches(cfg, stage_cfg.batch_size, session.device) if data == "synthetic"
+               else shard_batches(cfg, stage, stage_cfg.batch_size, session))
+    next_batch = timer.wrap("data_wait", lambda: next(batches))
+    for _ in range(warmup):
+        step(next_batch())
+    timer.seconds.clear()
+    timer.sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        losses = step(next_batch())
+    timer.sync()
+    seconds = time.perf_counter() - start
+    session.close()
+    return _figures(cfg, stage, session, timer, flops, steps, warmup, seconds, data, losses)
+
+
+def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTimer, flops: dict[str, Any],
+             steps: int, warmup: int, seconds: float, data: str, losses: dict[str, torch.Tensor]) -> dict[str, Any]:
+    stage_cfg = getattr(cfg, stage)
+    per_step_ms = {name: 1000 * timer.seconds.get(name, 0.0) / steps for name in ("data_wait", "d_phase", "g_phase")}
+    step_ms = 1000 * seconds / steps
+    images_per_s = steps * stage_cfg.batch_size / seconds
+    achieved = flops["step_per_image"] * images_per_s
+    name = device_name(session.device)
+    peak = peak_flops(name) if session.device.type == "cuda" else None
+    cuda = session.device.type == "cuda"
+    return {
+        "stage": stage, "discriminator": "hybrid" if stage == "pretrain" else cfg.discriminator.kind,
+        "device": name, "device_type": session.device.type, "threads": torch.get_num_threads(),
+        "world_size": session.world_size, "load_average_1min": round(os.getloadavg()[0], 2),
+        "precision": stage_cfg.mixed_precision,
+        "batch_size": stage_cfg.batch_size, "image_size": cfg.data.image_size, "hole_size": cfg.mask.hole_size,
+        "channels_last": stage_cfg.channels_last, "compile": stage_cfg.compile, "data": data,
+        "steps": steps, "warmup": warmup, "seconds": round(seconds, 3), "images_per_s": round(images_per_s, 2),
+        "step_ms": round(step_ms, 2), "data_wait_ms": round(per_step_ms["data_wait"], 2),
+        "d_phase_ms": round(per_step_ms["d_phase"], 2),
+        "g_phase_ms": round(per_step_ms["g_phase"], 2) if stage == "train" else None,
+        "other_ms": round(step_ms - sum(per_step_ms.values()), 2),
+        "peak_host_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        "flops": flops, "achieved_tflops": round(achieved / 1e12, 4),
+        "peak_tflops": peak / 1e12 if peak else None, "mfu": round(achieved / peak, 4) if peak else None,
+        "paper_images_per_s": round(PAPER_IMAGES_PER_S, 1),
+        "vs_paper": round(images_per_s / PAPER_IMAGES_PER_S, 4),
+        "last_losses": {key: round(float(value), 6) for key, value in losses.items()},
+    }
+
+
+_COLUMNS = (("stage", "stage"), ("D", "discriminator"), ("prec", "precision"), ("batch", "batch_size"),
+            ("size", "image_size"), ("img/s", "images_per_s"), ("step ms", "step_ms"),
+            ("data ms", "data_wait_ms"), ("D ms", "d_phase_ms"), ("G ms", "g_phase_ms"),
+            ("GFLOP/img", "gflop"), ("TFLOP/s", "achieved_tflops"), ("MFU", "mfu"),
+            ("host MiB", "peak_host_mib"), ("GPU MiB", "peak_gpu_mib"), ("x paper", "vs_paper"))
+
+
+def stage_table(rows: list[dict[str, Any]]) -> str:
+    """The figures of `bench_stage` rows as a text table, with the device and the paper's reference."""
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = round(row["flops"]["step_per_image"] / 1e9, 2) if key == "gflop" else row[key]
+        return "-" if value is None else str(value)
+
+    first = rows[0]
+    lines = [f"device: {first['device']}, {first['threads']} threads, world size {first['world_size']}; "
+             f"data {first['data']}; channels_last {first['channels_last']}, compile {first['compile']}; "
+             f"{first['steps']} timed steps after {first['warmup']} warm-up",
+             "  ".join(f"{title:>9}" for title, _ in _COLUMNS)]
+    lines += ["  ".join(f"{cell(row, key):>9}" for _, key in _COLUMNS) for row in rows]
+    lines.append(f"paper reference: {PAPER_IMAGES_PER_S:.0f} img/s (20 epochs of 28,000 images in 45 min on "
+                 f"one RTX 3090); GFLOP/img: one training step, backward taken as 2x forward "
+                 f"(pretrain 6 D, train 4 G + 8 D forward passes)")
+    return "\n".join(lines)
+
+
+def bench_config(args: argparse.Namespace, root: str) -> Config:
+    """The config of `args` with a throwaway run folder, D from scratch and `--batch-size` applied."""
+    extra = [f"run.root={root}", "run.name=bench", "discriminator.from_scratch=true"]
+    if args.batch_size:
+        extra += [f"pretrain.batch_size={args.batch_size}", f"train.batch_size={args.batch_size}"]
+    try:
+        return load_config(args.config, [*args.overrides, *extra])
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+
+
+def run_stages(args: argparse.Namespace) -> int:
+    """`pretrain`, `train` or `all`: bench, print the table, write the JSON."""
+    stages = STAGES if args.command == "all" else (args.command,)
+    with tempfile.TemporaryDirectory(prefix="hybridgan-bench-") as root:
+        cfg = bench_config(args, root)
+        try:
+            result: dict[str, Any] = {}
+            if args.command == "all":
+                result["loader"] = time_loader(cfg, cfg.data.workers, args.steps, cfg.train.batch_size)
+            for stage in stages:
+                result[stage] = bench_stage(cfg, stage, args.steps, args.warmup, args.data)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    if "loader" in result:
+        print(_table(f"train loader: {cfg.data.shards}", [result["loader"]],
+                     ["workers", "images_per_s", "first_batch_s"]))
+    print(stage_table([result[stage] for stage in stages]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        figures = result if args.command == "all" else result[args.command]
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    return 0
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {minimum}")
+        return value
+    return parse
+
+
+def _add_stages(subparsers: Any) -> None:
+    helps = {"pretrain": "blur pretraining step images/s", "train": "GAN training step images/s (D and G phases)",
+             "all": "loader, pretrain and train into one JSON"}
+    for command, text in helps.items():
+        parser = subparsers.add_parser(command, help=text)
+        parser.add_argument("--steps", type=_count(1), default=20, help="timed steps")
+        parser.add_argument("--warmup", type=_count(0), default=3, help="untimed steps first")
+        parser.add_argument("--batch-size", type=_count(0), default=0, help="default: the stage's batch_size")
+        parser.add_argument("--data", choices=("synthetic", "shards"), default="synthetic",
+                            help="one random batch on the device (compute alone) or the real loader")
+        parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+        add_config_arguments(parser)
+        parser.set_defaults(func=run_stages)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_loader, _add_stages]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,72 @@
+"""bench pretrain / train: figures of the real steps at a tiny size, and the MFU table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_args
+from hybridgan.bench import PAPER_IMAGES_PER_S, main, peak_flops
+
+BENCH = ["--steps", "2", "--warmup", "1", "--batch-size", "4"]
+
+
+def _bench(tmp_path, shards, command: str, *extra: str) -> dict:
+    out = tmp_path / f"{command}.json"
+    runs = tmp_path / "runs"
+    assert main([command, *BENCH, *extra, "--json", str(out), *tiny_args(shards, runs)]) == 0
+    assert not runs.exists()  # the run folder is a throwaway one
+    return json.loads(out.read_text())
+
+
+def _check_common(figures: dict) -> None:
+    assert figures["device_type"] == "cpu" and "cores" in figures["device"]
+    assert (figures["batch_size"], figures["image_size"], figures["steps"]) == (4, 32, 2)
+    assert figures["images_per_s"] == pytest.approx(4 / (figures["step_ms"] / 1000), rel=0.02)
+    assert figures["images_per_s"] > 0 and figures["peak_host_mib"] > 0
+    assert figures["peak_gpu_mib"] is None and figures["mfu"] is None  # no known peak on a CPU
+    assert figures["achieved_tflops"] > 0
+    assert figures["paper_images_per_s"] == pytest.approx(207.4, abs=0.1)
+    assert figures["vs_paper"] == pytest.approx(figures["images_per_s"] / PAPER_IMAGES_PER_S, rel=0.02)
+
+
+def test_bench_train_splits_the_step_into_d_and_g_phases(tiny_shards, tmp_path, capsys):
+    figures = _bench(tmp_path, tiny_shards, "train")
+    _check_common(figures)
+    assert (figures["stage"], figures["discriminator"], figures["data"]) == ("train", "hybrid", "synthetic")
+    assert figures["d_phase_ms"] > 0 and figures["g_phase_ms"] > 0
+    parts = figures["data_wait_ms"] + figures["d_phase_ms"] + figures["g_phase_ms"]
+    assert parts <= figures["step_ms"]
+    assert figures["other_ms"] == pytest.approx(figures["step_ms"] - parts, abs=0.05)
+    flops = figures["flops"]
+    assert flops["generator_forward"] > 0 and flops["discriminator_forward"] > flops["generator_forward"]
+    assert flops["step_per_image"] == 4 * flops["generator_forward"] + 8 * flops["discriminator_forward"]
+    assert figures["achieved_tflops"] == pytest.approx(
+        flops["step_per_image"] * figures["images_per_s"] / 1e12, rel=0.02, abs=1e-4)
+    assert set(figures["last_losses"]) >= {"disc_loss", "gen_loss", "gen_pixel_loss", "gen_adv_loss"}
+    table = capsys.readouterr().out
+    assert "img/s" in table and "paper reference: 207 img/s" in table
+
+
+def test_bench_pretrain_reads_the_real_loader(tiny_shards, tmp_path):
+    figures = _bench(tmp_path, tiny_shards, "pretrain", "--data", "shards")
+    _check_common(figures)
+    assert (figures["stage"], figures["data"], figures["g_phase_ms"]) == ("pretrain", "shards", None)
+    assert figures["data_wait_ms"] > 0 and figures["d_phase_ms"] > 0
+    assert figures["data_wait_ms"] + figures["d_phase_ms"] <= figures["step_ms"]
+    assert figures["flops"]["step_per_image"] == 6 * figures["flops"]["discriminator_forward"] > 0
+    assert 0 <= figures["last_losses"]["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA GeForce RTX 3090", 71e12), ("AMD EPYC (2 cores)", None)])
+def test_peak_flops_by_device_name(name, peak):
+    assert peak_flops(name) == peak
+
+
+def test_bench_rejects_zero_steps(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "0"])
+    assert "--steps" in capsys.readouterr().err
