@@ -44,7 +44,8 @@ def accelerate_command(
     if nnodes < 1 or gpus_per_node < 0:
         raise ValueError(f"nnodes={nnodes} must be >= 1 and gpus_per_node={gpus_per_node} >= 0")
     num_processes = nnodes * max(gpus_per_node, 1)
-    cmd = ["accelerate", "launch"]
+    # --quiet: a failing stage has already said why in one line; no launcher traceback on top.
+    cmd = ["accelerate", "launch", "--quiet"]
     if accelerate_config:
         cmd += ["--config_file", accelerate_config]
     elif num_processes > 1:

@@ -23,7 +23,7 @@ def test_four_nodes_of_eight_gpus() -> None:
         module="hybridgan.train", args=["--config", "configs/paper.yaml", "run.name=big"],
         accelerate_config="configs/accelerate/multi-node.yaml",
     )
-    assert cmd[:2] == ["accelerate", "launch"]
+    assert cmd[:3] == ["accelerate", "launch", "--quiet"]
     assert _flag(cmd, "--config_file") == "configs/accelerate/multi-node.yaml"
     assert _flag(cmd, "--num_processes") == "32"
     assert _flag(cmd, "--num_machines") == "4"
@@ -38,7 +38,7 @@ def test_four_nodes_of_eight_gpus() -> None:
 def test_multi_node_without_config_file_is_multi_gpu() -> None:
     cmd = accelerate_command(4, "$SLURM_NODEID", "gpu01", 29500, 8, "hybridgan.pretrain", [])
     assert cmd == [
-        "accelerate", "launch", "--multi_gpu", "--num_processes", "32", "--num_machines", "4",
+        "accelerate", "launch", "--quiet", "--multi_gpu", "--num_processes", "32", "--num_machines", "4",
         "--machine_rank", "$SLURM_NODEID", "--main_process_ip", "gpu01", "--main_process_port", "29500",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hybridgan.pretrain",
     ]
@@ -47,7 +47,7 @@ def test_multi_node_without_config_file_is_multi_gpu() -> None:
 def test_cpu_mode_is_one_process_on_one_machine() -> None:
     cmd = accelerate_command(1, 0, "vm", 29500, 0, "hybridgan.train", ["train.cpu=true"])
     assert cmd == [
-        "accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
+        "accelerate", "launch", "--quiet", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hybridgan.train", "train.cpu=true",
     ]
 
@@ -73,7 +73,7 @@ def test_cli_reads_slurm_variables(tmp_path) -> None:
         env=env, cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout
     assert out.strip() == (
-        "[launch] node 3/4: accelerate launch --multi_gpu --num_processes 32 --num_machines 4 "
+        "[launch] node 3/4: accelerate launch --quiet --multi_gpu --num_processes 32 --num_machines 4 "
         "--machine_rank 3 --main_process_ip gpu07 --main_process_port 29542 --mixed_precision no "
         "--dynamo_backend no -m hybridgan.train --config c.yaml"
     )

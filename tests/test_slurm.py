@@ -120,7 +120,7 @@ def test_sbatch_train_cpu_mode(slurm_env, shards, tmp_path) -> None:
     assert train_steps(stage)[-1] == 8
     # The accelerate line, with the topology derived from SLURM_NNODES/SLURM_NODEID, printed per node.
     line = next(l for l in text.splitlines() if l.startswith("[launch]"))
-    assert line.startswith("[launch] node 0/1: accelerate launch --num_processes 1 --num_machines 1 "
+    assert line.startswith("[launch] node 0/1: accelerate launch --quiet --num_processes 1 --num_machines 1 "
                            "--mixed_precision no --dynamo_backend no -m hybridgan.train --config configs/smoke-cpu.yaml")
     assert line.endswith("train.cpu=true")
     assert f"[slurm] job {job} (train) on " in text and "nodes=1 restarts=0" in text
@@ -155,10 +155,11 @@ def test_requeue_resumes_from_checkpoint(slurm_env, shards, tmp_path) -> None:
     assert info["JobState"] == "COMPLETED", text
     assert "USR1 (time limit near): checkpointing, then requeue" in text
     assert f"requeueing job {job}" in text
+    # Each signal made the stage checkpoint the step it was at; each restart resumed exactly there.
+    stopped = [int(s) for s in re.findall(r"signal 15: checkpointed .* at step (\d+)", text)]
     resumed = [int(s) for s in re.findall(r"resumed .* \(step (\d+)\)", text)]
-    assert len(resumed) == 2 and all(s > 0 and s % every == 0 for s in resumed), text
-    # metrics.jsonl: every step once, in order, up to the end (rows past a checkpoint are dropped
-    # on resume and written again).
+    assert resumed == stopped and len(resumed) == 2 and 0 < resumed[0] < resumed[1] < total, text
+    # metrics.jsonl: every step once, in order, up to the end.
     assert train_steps(stage) == list(range(1, total + 1))
     launches = [json.loads(l)["start_step"] for l in (stage / "launches.jsonl").read_text().splitlines()]
     assert launches == [0, *resumed]
