@@ -104,7 +104,8 @@ hg_wait_child() {
   done
   wait "$HG_CHILD" 2>/dev/null
   rc=$?
-  if [ "$HG_REQUEUE" -eq 1 ]; then
+  # A stage that finished anyway (exit 0) is done; any other exit after USR1 is the checkpoint stop.
+  if [ "$HG_REQUEUE" -eq 1 ] && [ "$rc" -ne 0 ]; then
     echo "[slurm] stage stopped (exit $rc); requeueing job $SLURM_JOB_ID" >&2
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
