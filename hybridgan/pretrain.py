@@ -3,8 +3,8 @@
     python -m hybridgan.pretrain --config configs/paper.yaml [key=value ...]
     accelerate launch -m hybridgan.pretrain --config configs/paper.yaml
 
-Each training batch holds the original faces (target 1) and the same faces with a Gaussian-blurred
-square (target 0; per-pixel target 0 inside the square, 1 elsewhere). After every epoch the loss and
+Each face of a training batch is shown either as it is (target 1) or with a Gaussian-blurred square
+(target 0; per-pixel target 0 inside the square, 1 elsewhere), by a seeded coin flip per face. After every epoch the loss and
 accuracy on the held-out test split are logged (the paper's Table 1) with an image grid of
 original | blurred | per-pixel map. The result is `runs/<name>/pretrain/discriminator.safetensors`,
 which GAN training starts from.
@@ -19,7 +19,7 @@ import torch
 from torchvision.utils import make_grid
 
 from hybridgan.config import Config, add_config_arguments, config_from_args
-from hybridgan.data.loader import batches_per_epoch, make_loader
+from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed
 from hybridgan.exports import save_export
 from hybridgan.losses import blur_discriminator_loss
 from hybridgan.models import DiscOutput, build_discriminator
@@ -29,16 +29,20 @@ STAGE = "pretrain"
 EXPORT_NAME = "discriminator.safetensors"
 
 
-def blur_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Originals then blurred copies, with their global (1/0) and per-pixel targets."""
+def blur_batch(batch: dict, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each face as it is (target 1) or blurred (target 0; per-pixel 0 inside the square), by a coin
+    flip seeded with `seed`.
+
+    A per-image coin, not "every face twice": with a fixed half-and-half batch, BatchNorm lets the
+    ResNet compare images within the batch, which works in training mode and collapses to one class
+    in evaluation mode (seen here: held-out accuracy stuck at 0.5 while training accuracy rose).
+    """
     image = batch["image"].to(device, non_blocking=True)
-    blurred = batch["blurred"].to(device, non_blocking=True)
-    pixel_blurred = batch["blur_target"].to(device, non_blocking=True)
-    n = image.shape[0]
-    inputs = torch.cat([image, blurred])
-    global_target = torch.cat([torch.ones(n, device=device), torch.zeros(n, device=device)])
-    pixel_target = torch.cat([torch.ones_like(pixel_blurred), pixel_blurred])
-    return inputs, global_target, pixel_target
+    coin = torch.rand(image.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    blurred = coin.to(device).view(-1, 1, 1, 1)
+    inputs = torch.where(blurred, batch["blurred"].to(device, non_blocking=True), image)
+    pixel_target = torch.where(blurred, batch["blur_target"].to(device, non_blocking=True), 1.0)
+    return inputs, (~blurred).flatten().float(), pixel_target
 
 
 def accuracy(out: DiscOutput, global_target: torch.Tensor) -> torch.Tensor:
@@ -57,7 +61,9 @@ class BlurPretraining:
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One optimisation step on originals vs blurred; returns detached losses."""
-        inputs, global_target, pixel_target = blur_batch(batch, self.session.device)
+        session = self.session
+        seed = stable_seed(self.cfg.run.seed, "blur-coin", session.state.step, session.rank)
+        inputs, global_target, pixel_target = blur_batch(batch, session.device, seed)
         out = self.disc(inputs)
         loss = blur_discriminator_loss(out, global_target, pixel_target, self.cfg.loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -78,20 +84,30 @@ class BlurPretraining:
                 break
             if index % session.world_size != session.rank:
                 continue
-            inputs, global_target, pixel_target = blur_batch(batch, session.device)
+            seed = stable_seed(self.cfg.run.seed, "blur-coin-test", index)
+            inputs, global_target, pixel_target = blur_batch(batch, session.device, seed)
             out = self.disc(inputs)
             n = float(inputs.shape[0])
             loss = blur_discriminator_loss(out, global_target, pixel_target, self.cfg.loss)
             totals += torch.stack([loss.float() * n, accuracy(out, global_target) * n,
                                    torch.tensor(n, device=session.device)])
             if index == 0 and session.is_main:
-                session.logger.image("test/original_blurred_pixelmap", blur_grid(inputs, out), session.state.step)
+                session.logger.image("test/original_blurred_pixelmap", self.blur_grid(batch), session.state.step)
         totals = acc.reduce(totals, reduction="sum")
         self.disc.train()
         values = {"test_loss": (totals[0] / totals[2]).item(), "test_accuracy": (totals[1] / totals[2]).item()}
         session.logger.scalars("test", session.state.step, epoch + 1, values)
         session.print(f"epoch {epoch + 1}: test loss {values['test_loss']:.4f}, "
                       f"test accuracy {values['test_accuracy']:.3f}")
+
+    def blur_grid(self, batch: dict, rows: int = 8) -> torch.Tensor:
+        """Columns original | blurred | D's per-pixel "real" map of the blurred face, as a [3, H, W] image."""
+        device = self.session.device
+        originals = batch["image"][:rows].to(device)
+        blurred = batch["blurred"][:rows].to(device)
+        pixel_map = self.disc(blurred).pixel_prob.float().repeat(1, 3, 1, 1) * 2 - 1
+        tiles = torch.stack([originals.float(), blurred.float(), pixel_map], dim=1).flatten(0, 1)
+        return make_grid((tiles.cpu() + 1) / 2, nrow=3, padding=2)
 
     def export(self) -> Path:
         """Write the discriminator's weights with the run's config (main process)."""
@@ -100,16 +116,6 @@ class BlurPretraining:
         if self.session.is_main:
             save_export(state, path, self.cfg, "discriminator")
         return path
-
-
-def blur_grid(inputs: torch.Tensor, out: DiscOutput, rows: int = 8) -> torch.Tensor:
-    """Columns original | blurred | per-pixel "real" map, one row per face, as a [3, H, W] image."""
-    n = inputs.shape[0] // 2
-    rows = min(rows, n)
-    originals, blurred = inputs[:rows], inputs[n:n + rows]
-    pixel_map = out.pixel_prob[n:n + rows].float().repeat(1, 3, 1, 1) * 2 - 1
-    tiles = torch.stack([originals.float(), blurred.float(), pixel_map], dim=1).flatten(0, 1)
-    return make_grid((tiles.cpu() + 1) / 2, nrow=3, padding=2)
 
 
 def pretrain(cfg: Config) -> Path:

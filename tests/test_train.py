@@ -65,7 +65,7 @@ def test_tensorboard_holds_table2_validation_metrics_and_grids(hybrid_run):
 
 
 def test_pathak_baseline_trains_without_any_pretraining_export(tiny_shards, tmp_path):
-    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "discriminator.pretrained=",
+    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "discriminator.pretrained=''",
                       "train.max_steps=4")
     export = train(cfg)
     assert export.parent.name == "train-pathak"
@@ -79,7 +79,7 @@ def test_missing_pretraining_export_is_one_clear_error(tiny_shards, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: export not found"
     with pytest.raises(ExportError, match="from_scratch"):
-        train(tiny_config(tiny_shards, tmp_path, "run.name=empty", "discriminator.pretrained="))
+        train(tiny_config(tiny_shards, tmp_path, "run.name=empty", "discriminator.pretrained=''"))
 
 
 def test_each_phase_changes_only_its_own_network(tiny_shards, tmp_path):
