@@ -57,7 +57,7 @@ class BlurPretraining:
         self.cfg = cfg
         self.session = session
         disc = speed_up(build_discriminator(cfg, "hybrid"), cfg.pretrain)
-        self.disc, self.optimizer = session.accelerator.prepare(disc, build_adam(disc, cfg.pretrain))
+        self.disc, self.optimizer = session.prepare("disc", disc, build_adam(disc, cfg.pretrain))
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One optimisation step on originals vs blurred; returns detached losses."""
@@ -66,9 +66,7 @@ class BlurPretraining:
         inputs, global_target, pixel_target = blur_batch(batch, session.device, seed)
         out = self.disc(inputs)
         loss = blur_discriminator_loss(out, global_target, pixel_target, self.cfg.loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.session.accelerator.backward(loss)
-        self.optimizer.step()
+        session.optimize(loss, self.disc, self.optimizer)
         return {"disc_loss": loss.detach(), "accuracy": accuracy(out, global_target).detach()}
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -69,12 +69,12 @@ class TrainState:
 class TrainingSession:
     """Accelerator + run folder + checkpoints + signals + metrics for one training stage."""
 
-    def __init__(self, cfg: Config, stage: str, stage_cfg: StageConfig) -> None:
+    def __init__(self, cfg: Config, stage: str, stage_cfg: StageConfig, models: tuple[str, ...] = ("model",)) -> None:
         self.cfg = cfg
         self.stage_cfg = stage_cfg
         self.dir = Path(cfg.run.root) / cfg.run.name / stage
-        cpu = stage_cfg.cpu or not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=stage_cfg.mixed_precision)
+        self.accelerator = make_accelerator(stage_cfg, models)
+        self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         set_seed(cfg.run.seed, device_specific=False)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
@@ -86,6 +86,24 @@ class TrainingSession:
         if self.is_main:
             self._write_config()
         self.accelerator.wait_for_everyone()
+
+    def prepare(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """`accelerator.prepare` of one model and its optimiser; under DeepSpeed each model gets the
+        engine of the plugin called `name` (see `make_accelerator`)."""
+        if self.uses_deepspeed and len(self.accelerator.state.deepspeed_plugins or {}) > 1:
+            self.accelerator.state.select_deepspeed_plugin(name)
+        return self.accelerator.prepare(model, optimizer)
+
+    def optimize(self, loss: torch.Tensor, model: Any, optimizer: Any) -> None:
+        """Backward and step of one model: through its own engine under DeepSpeed (Accelerate's
+        `backward` drives only the last engine prepared), else zero_grad, `accelerator.backward`, step."""
+        if self.uses_deepspeed:
+            model.backward(loss)
+            model.step()
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        optimizer.step()
 
     @property
     def is_main(self) -> bool:
@@ -280,6 +298,26 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(old) | set(new))
         return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...]) -> Accelerator:
+    """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision.
+
+    Under `accelerate launch --use_deepspeed` a stage that trains several models gets one
+    DeepSpeed plugin (engine) per model, named by `models`, each from the launch's settings; on a
+    machine without CUDA the process group uses gloo.
+    """
+    cpu = stage_cfg.cpu or not torch.cuda.is_available()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return Accelerator(cpu=cpu, mixed_precision=stage_cfg.mixed_precision)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
+    plugins = {name: DeepSpeedPlugin() for name in models} if len(models) > 1 else None
+    accelerator = Accelerator(mixed_precision=stage_cfg.mixed_precision, kwargs_handlers=handlers,
+                              deepspeed_plugins=plugins)
+    for plugin in accelerator.state.deepspeed_plugins.values():
+        # Our loaders are not prepared by Accelerate, so DeepSpeed cannot read the batch size off them.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = stage_cfg.batch_size
+    return accelerator
 
 
 def build_adam(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.optim.Adam:

@@ -66,8 +66,8 @@ class GanTraining:
         if cfg.discriminator.kind == "hybrid" and not cfg.discriminator.from_scratch:
             load_pretrained_discriminator(cfg, disc)
         gen, disc = speed_up(gen, cfg.train), speed_up(disc, cfg.train)
-        self.gen, self.disc, self.opt_g, self.opt_d = session.accelerator.prepare(
-            gen, disc, build_adam(gen, cfg.train), build_adam(disc, cfg.train))
+        self.gen, self.opt_g = session.prepare("gen", gen, build_adam(gen, cfg.train))
+        self.disc, self.opt_d = session.prepare("disc", disc, build_adam(disc, cfg.train))
         self._center_mask: torch.Tensor | None = None
         self._validated_at = -1
 
@@ -88,9 +88,7 @@ class GanTraining:
             fake = self.gen(masked, mask)
         d_real, d_fake = split_output(self.disc(torch.cat([real, fake])), real.shape[0])
         losses = discriminator_joint_loss(d_real, d_fake, self.cfg.loss, mask)
-        self.opt_d.zero_grad(set_to_none=True)
-        self.session.accelerator.backward(losses.joint)
-        self.opt_d.step()
+        self.session.optimize(losses.joint, self.disc, self.opt_d)
         return {"disc_loss": losses.joint.detach(), "d_real": d_real.global_prob.detach().float().mean(),
                 "d_fake": d_fake.global_prob.detach().float().mean()}
 
@@ -104,9 +102,7 @@ class GanTraining:
         with acc.autocast():
             d_fake = disc(fake)
         losses = generator_joint_loss(real, fake, d_fake, self.cfg.loss, mask)
-        self.opt_g.zero_grad(set_to_none=True)
-        acc.backward(losses.joint)
-        self.opt_g.step()
+        self.session.optimize(losses.joint, self.gen, self.opt_g)
         disc.requires_grad_(True)
         return {"gen_loss": losses.joint.detach(), "gen_pixel_loss": losses.pixel.detach(),
                 "gen_adv_loss": losses.adv.detach()}
@@ -175,7 +171,7 @@ def inpaint_grid(real: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, r
 
 def train(cfg: Config) -> Path:
     """Run (or resume) GAN training of `cfg`; returns the exported generator's path."""
-    session = TrainingSession(cfg, stage_name(cfg), cfg.train)
+    session = TrainingSession(cfg, stage_name(cfg), cfg.train, models=("gen", "disc"))
     job = GanTraining(cfg, session)
     steps_per_epoch = batches_per_epoch(cfg, "train", cfg.train.batch_size, session.world_size)
     run_stage(session, steps_per_epoch, job.step, lambda epoch: job.validate(),
