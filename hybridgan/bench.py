@@ -94,7 +94,7 @@ def peak_flops(name: str) -> float | None:
 def step_flops(stage: str, job: Any, session: TrainingSession, cfg: Config) -> dict[str, Any]:
     """Approximate FLOPs of one training step per batch image, from forward counts (backward ~ 2x forward).
 
-    pretrain: D sees the original and the blurred copy: 2 x (D fwd + bwd) = 6 D.
+    pretrain: D forward+backward on each face, as it is or blurred (a coin flip per face): 3 D.
     train: D phase: G fwd without grad (1 G) + D fwd+bwd on real and fake (6 D); G phase: G fwd+bwd
     (3 G) + D fwd on the fake and the backward to D's input only, its weights frozen (~2 D): 4 G + 8 D.
     """
@@ -104,7 +104,7 @@ def step_flops(stage: str, job: Any, session: TrainingSession, cfg: Config) -> d
     d_fwd = model_summary(disc, image)["flops_per_image"]
     params = {"discriminator": sum(p.numel() for p in disc.parameters())}
     if stage == "pretrain":
-        return {"discriminator_forward": d_fwd, "step_per_image": 6 * d_fwd, "formula": "6 D", "params": params}
+        return {"discriminator_forward": d_fwd, "step_per_image": 3 * d_fwd, "formula": "3 D", "params": params}
     gen = acc.unwrap_model(job.gen, keep_torch_compile=False)
     g_fwd = model_summary(gen, image, torch.zeros(1, 1, size, size, device=device))["flops_per_image"]
     params["generator"] = sum(p.numel() for p in gen.parameters())
@@ -330,7 +330,7 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
     lines += ["  ".join(f"{cell(row, key):>9}" for _, key in _COLUMNS) for row in rows]
     lines.append(f"paper reference: {PAPER_IMAGES_PER_S:.0f} img/s (20 epochs of 28,000 images in 45 min on "
                  f"one RTX 3090); GFLOP/img: one training step, backward taken as 2x forward "
-                 f"(pretrain 6 D, train 4 G + 8 D forward passes)")
+                 f"(pretrain 3 D, train 4 G + 8 D forward passes)")
     return "\n".join(lines)
 
 
