@@ -125,6 +125,11 @@ class StageConfig:
     compile: bool = False
     cpu: bool = False
 
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads a bare `no` (as in `train.mixed_precision=no`) as false
+        if self.mixed_precision in ("False", "false"):
+            self.mixed_precision = "no"
+
 
 @dataclass
 class EvalConfig:
