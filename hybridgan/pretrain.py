@@ -73,7 +73,10 @@ class BlurPretraining:
     def held_out(self, epoch: int) -> None:
         """Loss and accuracy on the test split (every rank takes every world_size-th batch)."""
         session, acc = self.session, self.session.accelerator
-        self.disc.eval()
+        # the unwrapped module: ranks see different numbers of batches, and a DDP forward would
+        # wait for the others to sync buffers
+        disc = acc.unwrap_model(self.disc)
+        disc.eval()
         totals = torch.zeros(3, device=session.device)
         loader = make_loader(self.cfg, "test", batch_size=self.cfg.pretrain.batch_size, with_blur=True)
         limit = self.cfg.pretrain.eval_batches or None
@@ -84,28 +87,19 @@ class BlurPretraining:
                 continue
             seed = stable_seed(self.cfg.run.seed, "blur-coin-test", index)
             inputs, global_target, pixel_target = blur_batch(batch, session.device, seed)
-            out = self.disc(inputs)
+            out = disc(inputs)
             n = float(inputs.shape[0])
             loss = blur_discriminator_loss(out, global_target, pixel_target, self.cfg.loss)
             totals += torch.stack([loss.float() * n, accuracy(out, global_target) * n,
                                    torch.tensor(n, device=session.device)])
             if index == 0 and session.is_main:
-                session.logger.image("test/original_blurred_pixelmap", self.blur_grid(batch), session.state.step)
+                session.logger.image("test/original_blurred_pixelmap", blur_grid(disc, batch), session.state.step)
         totals = acc.reduce(totals, reduction="sum")
-        self.disc.train()
+        disc.train()
         values = {"test_loss": (totals[0] / totals[2]).item(), "test_accuracy": (totals[1] / totals[2]).item()}
         session.logger.scalars("test", session.state.step, epoch + 1, values)
         session.print(f"epoch {epoch + 1}: test loss {values['test_loss']:.4f}, "
                       f"test accuracy {values['test_accuracy']:.3f}")
-
-    def blur_grid(self, batch: dict, rows: int = 8) -> torch.Tensor:
-        """Columns original | blurred | D's per-pixel "real" map of the blurred face, as a [3, H, W] image."""
-        device = self.session.device
-        originals = batch["image"][:rows].to(device)
-        blurred = batch["blurred"][:rows].to(device)
-        pixel_map = self.disc(blurred).pixel_prob.float().repeat(1, 3, 1, 1) * 2 - 1
-        tiles = torch.stack([originals.float(), blurred.float(), pixel_map], dim=1).flatten(0, 1)
-        return make_grid((tiles.cpu() + 1) / 2, nrow=3, padding=2)
 
     def export(self) -> Path:
         """Write the discriminator's weights with the run's config (main process)."""
@@ -114,6 +108,16 @@ class BlurPretraining:
         if self.session.is_main:
             save_export(state, path, self.cfg, "discriminator")
         return path
+
+
+def blur_grid(disc: torch.nn.Module, batch: dict, rows: int = 8) -> torch.Tensor:
+    """Columns original | blurred | D's per-pixel "real" map of the blurred face, as a [3, H, W] image."""
+    device = next(disc.parameters()).device
+    originals = batch["image"][:rows].to(device)
+    blurred = batch["blurred"][:rows].to(device)
+    pixel_map = disc(blurred).pixel_prob.float().repeat(1, 3, 1, 1) * 2 - 1
+    tiles = torch.stack([originals.float(), blurred.float(), pixel_map], dim=1).flatten(0, 1)
+    return make_grid((tiles.cpu() + 1) / 2, nrow=3, padding=2)
 
 
 def pretrain(cfg: Config) -> Path:

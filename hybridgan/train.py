@@ -123,7 +123,10 @@ class GanTraining:
         if self._validated_at == session.state.step:
             return
         self._validated_at = session.state.step
-        self.gen.eval()
+        # the unwrapped module: ranks see different numbers of batches, and a DDP forward would
+        # wait for the others to sync buffers
+        gen = session.accelerator.unwrap_model(self.gen)
+        gen.eval()
         tracker = HoleMetrics()
         limit = cfg.train.eval_batches or None
         rng_mask = torch.Generator().manual_seed(cfg.run.seed)
@@ -135,12 +138,12 @@ class GanTraining:
             if index % session.world_size != session.rank:
                 continue
             with session.accelerator.autocast():
-                filled = self.gen(apply_mask(real, mask), mask).float()
+                filled = gen(apply_mask(real, mask), mask).float()
             tracker.add(hole_metrics(filled, real, mask))
             if index == 0 and session.is_main:
                 session.logger.image("val/masked_inpainted_original", inpaint_grid(real, mask, filled),
                                      session.state.step)
-        self.gen.train()
+        gen.train()
         epoch = -(-session.state.step // session.steps_per_epoch)
         session.logger.scalars("val", session.state.step, epoch, reduce_means(session, tracker))
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
-ACCELERATE_2_RANKS = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+ACCELERATE_2_RANKS = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29631"]
 
 

@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_args
 from hybridgan.train import EXPORT_NAME
-from stage_runs import launches, read_records, run_stage
+from stage_runs import ACCELERATE, launches, read_records, run_stage
 
-DEEPSPEED_2_RANKS = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
+DEEPSPEED_2_RANKS = [*ACCELERATE, "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
                      "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "29641"]
 
 
