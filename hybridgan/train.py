@@ -18,7 +18,7 @@ import torch
 from torchvision.utils import make_grid
 
 from hybridgan.config import Config, add_config_arguments, config_from_args
-from hybridgan.data.loader import batches_per_epoch, make_loader
+from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError, load_export, save_export
 from hybridgan.losses import discriminator_joint_loss, generator_joint_loss
@@ -78,8 +78,7 @@ class GanTraining:
             if self._center_mask is None or self._center_mask.shape[0] != batch_size:
                 self._center_mask = make_masks(cfg.mask, cfg.data.image_size, batch_size).to(session.device)
             return self._center_mask
-        seed = (cfg.run.seed * 1_000_003 + session.state.step) * 1_009 + session.rank
-        rng = torch.Generator().manual_seed(seed)
+        rng = torch.Generator().manual_seed(stable_seed(cfg.run.seed, "mask", session.state.step, session.rank))
         return make_masks(cfg.mask, cfg.data.image_size, batch_size, rng).to(session.device)
 
     def discriminator_step(self, real: torch.Tensor, masked: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
