@@ -245,9 +245,9 @@ class TrainingSession:
         if not bool(finite.all()):
             row, col = (~finite).nonzero()[0].tolist()
             self.close()
-            raise TrainingError(
-                f"step {steps[row]}: {names[col]} is {stacked[row, col].item()}; stopped, the last good "
-                f"checkpoint in {self.checkpoints.dir} is kept")
+            latest = self.checkpoints.latest()
+            kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
+            raise TrainingError(f"step {steps[row]}: {names[col]} is {stacked[row, col].item()}; stopped, {kept}")
         means = dict(zip(names, stacked.mean(dim=0).tolist()))
         self.logger.scalars("train", steps[-1], epoch + 1, means)
         if self._bar is not None:

@@ -16,7 +16,7 @@ from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError
 from hybridgan.metrics import HoleMetrics, mean_fill
 from hybridgan.pretrain import EXPORT_NAME as DISC_EXPORT, pretrain
-from hybridgan.session import TrainingSession
+from hybridgan.session import TrainingError, TrainingSession
 from hybridgan.train import EXPORT_NAME, GanTraining, train
 from stage_runs import (ACCELERATE_2_RANKS, assert_same_weights, kill_after_checkpoint, latest_step,
                         launches, read_records, run_stage, stage_env)
@@ -144,3 +144,23 @@ def test_two_process_training_writes_from_rank0_only(tiny_shards, tmp_path):
     assert len(list((stage / "tb").glob("events.out.tfevents.*"))) == 1
     assert result.stdout.count("training done") == 1
     assert (stage / EXPORT_NAME).is_file()
+
+
+def test_a_nan_loss_stops_naming_step_and_loss_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "train.checkpoint_every=3", "train.epochs=2")
+    honest_step = GanTraining.generator_step
+
+    def poisoned_step(self, real, masked, mask):
+        losses = honest_step(self, real, masked, mask)
+        if self.session.state.step == 4:  # the 5th step, counted from 0 before it ends
+            losses["gen_pixel_loss"] = torch.tensor(float("nan"))
+        return losses
+
+    monkeypatch.setattr(GanTraining, "generator_step", poisoned_step)
+    with pytest.raises(TrainingError) as err:
+        train(cfg)
+    stage = tmp_path / "t" / "train-pathak"
+    assert str(err.value) == (f"step 5: gen_pixel_loss is nan; stopped, the last good checkpoint "
+                              f"{stage / 'checkpoints' / 'step-00000003'} is kept")
+    assert latest_step(stage) == 3
+    assert all(math.isfinite(r["gen_pixel_loss"]) for r in read_records(stage, "train"))
