@@ -8,7 +8,6 @@ of range. Every failure is a `ConfigError` whose single line names the file and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,13 +164,15 @@ _POSITIVE = (
     "discriminator.pathak_channels", "pretrain.batch_size", "train.batch_size", "pretrain.lr",
     "train.lr", "pretrain.log_every", "train.log_every", "pretrain.checkpoint_every",
     "train.checkpoint_every", "pretrain.keep_checkpoints", "train.keep_checkpoints",
-    "eval.batch_size", "data.shuffle_buffer", "blur.min_side",
+    "eval.batch_size", "data.shuffle_buffer", "blur.min_side", "mask.min_box", "mask.strokes",
+    "mask.stroke_width",
 )
 _NON_NEGATIVE = (
     "pretrain.epochs", "train.epochs", "pretrain.max_steps", "train.max_steps", "data.workers",
     "pretrain.eval_every", "train.eval_every", "data.samples_per_epoch", "eval.max_batches",
     "loss.alpha", "loss.beta", "loss.gamma", "loss.epsilon", "loss.global_weight",
-    "loss.pixel_weight", "blur.min_variance", "blur.top_left",
+    "loss.pixel_weight", "blur.min_variance", "blur.top_left", "pretrain.eval_batches",
+    "train.eval_batches", "eval.figure_rows",
 )
 
 
@@ -217,6 +218,10 @@ def _check_ranges(cfg: Config) -> None:
          f"plus blur.top_left must fit in pack.source_size={cfg.pack.source_size}"),
         ("blur.max_variance", cfg.blur.min_variance <= cfg.blur.max_variance,
          "must be >= blur.min_variance"),
+        ("pretrain.betas", len(cfg.pretrain.betas) == 2 and all(0 <= b < 1 for b in cfg.pretrain.betas),
+         "must be two numbers in [0, 1)"),
+        ("train.betas", len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas),
+         "must be two numbers in [0, 1)"),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -250,7 +255,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, Config)
-    _check_ranges(cfg)
+    try:
+        _check_ranges(cfg)
+    except ConfigError as err:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}{' with overrides' if overrides else ''}: {err}") from None
     return cfg
 
 
@@ -266,13 +276,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
-
-
-def as_dict(cfg: Any) -> dict[str, Any]:
-    """A plain nested dict of a config dataclass (for JSON exports next to weights)."""
-    return dataclasses.asdict(cfg)
-
-
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

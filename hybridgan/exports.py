@@ -18,6 +18,9 @@ from safetensors.torch import load_file, safe_open, save_file
 from hybridgan.config import Config, to_yaml
 
 
+COMPILED_PREFIX = "_orig_mod."
+
+
 class ExportError(ValueError):
     """A missing, unreadable or mismatched export; the message names the file."""
 
@@ -26,7 +29,9 @@ def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, cfg: Conf
     """Write `state_dict` to `path` atomically, with `cfg` and the model name in the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+    # a torch.compile'd model's state dict names every tensor "_orig_mod.<name>"
+    tensors = {key.removeprefix(COMPILED_PREFIX): value.detach().to("cpu").contiguous()
+               for key, value in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"config": to_yaml(cfg), "model": model})
     os.replace(tmp, path)

@@ -66,6 +66,8 @@ class Source:
 
 def _open_source(source: str) -> Source:
     """The source named by the CLI argument, with its image references (sorted)."""
+    if not source.strip():
+        raise PackError("no source given (data.source is empty): pass a folder, a .zip or synthetic:N")
     if source.startswith("synthetic:"):
         count = source.split(":", 1)[1]
         if not count.isdigit() or int(count) == 0:
@@ -205,15 +207,15 @@ def _image_sample(reader: _Reader, ref: str, size: int, quality: int) -> tuple[b
     """JPEG bytes of the `size` square for `ref`, and the source's (width, height)."""
     if reader.source.kind == "synthetic":
         return _encode(synthetic_face(int(ref)), size, quality), (256, 256)
-    data = reader.read(ref)
     try:
+        data = reader.read(ref)
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes fully: truncated or corrupt files fail here, not in training
             original = image.size
             if image.format == "JPEG" and image.mode == "RGB" and original == (size, size):
                 return data, original
             return _encode(image, size, quality), original
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, KeyError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise PackError(f"{reader.name(ref)}: not a readable image ({err}); "
                         f"fix or remove it, or pass --skip-bad") from None
 

@@ -87,7 +87,8 @@ class BlurPretraining:
                 continue
             seed = stable_seed(self.cfg.run.seed, "blur-coin-test", index)
             inputs, global_target, pixel_target = blur_batch(batch, session.device, seed)
-            out = disc(inputs)
+            with acc.autocast():
+                out = disc(inputs)
             n = float(inputs.shape[0])
             loss = blur_discriminator_loss(out, global_target, pixel_target, self.cfg.loss)
             totals += torch.stack([loss.float() * n, accuracy(out, global_target) * n,

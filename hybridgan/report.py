@@ -13,7 +13,6 @@ Numbers are printed with three significant digits (`0.0013`, `0.322`, `12.5`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import torch
 from torch import Tensor
+
+from hybridgan.tracking import read_records
 
 LOSS_KEYS = ("gen_adv_loss", "gen_pixel_loss", "disc_loss")
 LABEL_HEIGHT = 14
@@ -32,26 +33,14 @@ class ReportError(ValueError):
 
 
 def read_metrics(stage_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of `stage_dir/metrics.jsonl` in order.
-
-    A truncated last line (a run killed mid-write) is skipped; any other unreadable line is an error
-    naming file and line.
-    """
+    """The records of `stage_dir/metrics.jsonl` in order (see `tracking.read_records`)."""
     path = Path(stage_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{path}: metrics log not found")
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ReportError(f"{path}:{number}: not a JSON record ({err})") from None
-    return records
+    try:
+        return read_records(path)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
 
 
 def epoch_records(stage_dir: str | Path, split: str) -> dict[int, dict[str, Any]]:

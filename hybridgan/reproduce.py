@@ -36,8 +36,9 @@ def run_folder(cfg: Config) -> Path:
 def stage_commands(cfg_path: Path, cfg: Config, launcher: list[str]) -> list[tuple[str, list[str], Path | None]]:
     """(name, command, file it produces) of every stage in chain order.
 
-    Pack has no such file: it always runs, since on a finished identical pack it only checks the
-    plan, and on a folder holding a different pack it is the stage that says so.
+    Pack runs whenever `data.source` is set: on a finished identical pack it only checks the plan,
+    and on a folder holding a different pack it is the stage that says so. Without a source it is
+    skipped when the shards folder holds a finished pack.
     """
     folder = run_folder(cfg)
     base = ["--config", str(cfg_path)]
@@ -45,7 +46,7 @@ def stage_commands(cfg_path: Path, cfg: Config, launcher: list[str]) -> list[tup
     module = [*launcher, "-m"]
     return [
         ("pack", [sys.executable, "-m", "hybridgan.pack", cfg.data.source, "--out", cfg.data.shards, *base],
-         None),
+         None if cfg.data.source else Path(cfg.data.shards) / MANIFEST),
         ("pretrain", [*module, "hybridgan.pretrain", *base], pretrained),
         ("train-hybrid", [*module, "hybridgan.train", *base, "discriminator.kind=hybrid",
                           f"discriminator.pretrained={pretrained}"], folder / "train-hybrid" / GENERATOR_EXPORT),

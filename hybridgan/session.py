@@ -83,8 +83,8 @@ class TrainingSession:
         self._stop_signal: int | None = None
         self._pending_losses: list[tuple[int, dict[str, torch.Tensor]]] = []
         self._bar: tqdm | None = None
-        if self.is_main:
-            self._write_config()
+        self._last_checkpoint_step = -1
+        self._write_config()
         self.accelerator.wait_for_everyone()
 
     def prepare(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
@@ -126,6 +126,8 @@ class TrainingSession:
         self.accelerator.print(*args)
 
     def _write_config(self) -> None:
+        """Every rank compares with the folder's config (so that all of them stop on a mismatch);
+        the main process writes it when the folder has none."""
         path = self.dir / "config.yaml"
         if path.is_file():
             old = OmegaConf.create(path.read_text())
@@ -136,7 +138,8 @@ class TrainingSession:
                     f"{path}: this run folder was started with a different config "
                     f"({', '.join(changed)}); resume with the same settings or choose another run.name")
             return
-        save_config(self.cfg, path)
+        if self.is_main:
+            save_config(self.cfg, path)
 
     def start(self, total_steps: int, steps_per_epoch: int,
               on_epoch_end: Callable[[int], None], on_eval: Callable[[], None] | None = None) -> int:
@@ -153,6 +156,9 @@ class TrainingSession:
         latest = self.checkpoints.latest()
         if latest is not None:
             self.checkpoints.load(latest)
+            self._last_checkpoint_step = self.state.step
+            if not self.is_main:  # the checkpoint holds the sums of all ranks, loaded by every rank
+                self.state.epoch_sums = {n: torch.zeros_like(v) for n, v in self.state.epoch_sums.items()}
             self.print(f"resumed {self.dir} from {latest.name} (step {self.state.step})")
         self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step)
         self._record_launch()
@@ -242,11 +248,14 @@ class TrainingSession:
                                for _, losses in self._pending_losses]).cpu()
         self._pending_losses.clear()
         finite = torch.isfinite(stacked)
-        if not bool(finite.all()):
-            row, col = (~finite).nonzero()[0].tolist()
+        if self._any_rank(not bool(finite.all())):
             self.close()
             latest = self.checkpoints.latest()
             kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
+            if bool(finite.all()):
+                raise TrainingError(f"steps {steps[0]}-{steps[-1]}: another rank saw a non-finite loss; "
+                                    f"stopped, {kept}")
+            row, col = (~finite).nonzero()[0].tolist()
             raise TrainingError(f"step {steps[row]}: {names[col]} is {stacked[row, col].item()}; stopped, {kept}")
         means = dict(zip(names, stacked.mean(dim=0).tolist()))
         self.logger.scalars("train", steps[-1], epoch + 1, means)
@@ -262,21 +271,43 @@ class TrainingSession:
         self.state.epoch_sums, self.state.epoch_steps = {}, 0
         return dict(zip(names, sums.tolist()))
 
-    def _stop_requested(self) -> bool:
-        """True on every rank when any rank got SIGTERM/SIGUSR1 (checked every step alone, else at log steps)."""
+    def _any_rank(self, flag: bool) -> bool:
+        """`flag` or-ed over all ranks (every rank must call it at the same step)."""
         if self.world_size == 1:
-            return self._stop_signal is not None
-        if self.state.step % self.stage_cfg.log_every != 0:
-            return False
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
-        flag = self.accelerator.reduce(flag, reduction="sum")
-        if flag.item() > 0 and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM
-        return flag.item() > 0
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum")
+        return total.item() > 0
 
-    def checkpoint(self) -> Path:
-        """Save a checkpoint of the current step (all ranks must call it)."""
-        return self.checkpoints.save(self.state.step)
+    def _stop_requested(self) -> bool:
+        """True on every rank when any rank got SIGTERM/SIGUSR1.
+
+        One process checks every step; several agree at log steps only (an all-reduce and a
+        host-device sync per step would cost more), so set `log_every` to a few steps' time well
+        inside the grace period (torchrun gives workers 30 s after SIGTERM).
+        """
+        if self.world_size > 1 and self.state.step % self.stage_cfg.log_every != 0:
+            return False
+        stop = self._any_rank(self._stop_signal is not None)
+        if stop and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return stop
+
+    def checkpoint(self) -> None:
+        """Save a checkpoint of the current step, once (all ranks must call it).
+
+        Accelerate saves registered objects from the main process only, so the epoch's running
+        loss sums of all ranks are first summed into the main process's (zeros elsewhere).
+        """
+        if self._last_checkpoint_step == self.state.step:
+            return
+        if self.world_size > 1 and self.state.epoch_sums:
+            names = sorted(self.state.epoch_sums)
+            total = self.accelerator.reduce(torch.stack([self.state.epoch_sums[n].to(self.device) for n in names]),
+                                            reduction="sum")
+            total = total if self.is_main else torch.zeros_like(total)
+            self.state.epoch_sums = dict(zip(names, total.unbind()))
+        self.checkpoints.save(self.state.step)
+        self._last_checkpoint_step = self.state.step
 
     def close(self) -> None:
         if self._bar is not None:
@@ -286,9 +317,7 @@ class TrainingSession:
 
     def finish(self) -> None:
         """Final checkpoint (if the last step has none yet) and close."""
-        latest = self.checkpoints.latest()
-        if latest is None or latest.name != f"step-{self.state.step:08d}":
-            self.checkpoint()
+        self.checkpoint()
         self.close()
 
 

@@ -35,10 +35,9 @@ class MetricsLogger:
     def _drop_records_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = [record for record in read_records(self.path) if record["step"] <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(tmp, self.path)
 
     def scalars(self, split: str, step: int, epoch: int, values: dict[str, float]) -> None:
@@ -59,14 +58,29 @@ class MetricsLogger:
             assert self.writer is not None
             self.writer.add_image(tag, grid.clamp(0, 1), step)
 
-    def text(self, tag: str, text: str, step: int = 0) -> None:
-        if self.enabled:
-            assert self.writer is not None
-            self.writer.add_text(tag, text, step)
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` in order.
+
+    A truncated last line (a run killed mid-write) is skipped; any other unreadable line is a
+    ValueError naming file and line.
+    """
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({err})") from None
+    return records
 
 
 def _json_number(value: float) -> float | str:

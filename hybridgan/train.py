@@ -5,7 +5,8 @@
 
 Each step masks the batch, lets G fill the hole (composited into the context), then takes a D step
 on L_disc_joint (eq. 4-6) and a G step on L_gen_joint (eq. 1-3). `discriminator.kind=hybrid` starts
-D from the pretraining export (`discriminator.pretrained`); `pathak` is the paper's baseline. The
+D from the pretraining export (`discriminator.pretrained`, by default the run folder's
+`pretrain/discriminator.safetensors`); `pathak` is the paper's baseline. The
 stage folder is `runs/<name>/train-<kind>/`; the result is `generator.safetensors` there.
 """
 
@@ -24,6 +25,7 @@ from hybridgan.exports import ExportError, load_export, save_export
 from hybridgan.losses import discriminator_joint_loss, generator_joint_loss
 from hybridgan.metrics import HoleMetrics, hole_metrics
 from hybridgan.models import DiscOutput, build_discriminator, build_generator
+from hybridgan.pretrain import EXPORT_NAME as DISCRIMINATOR_EXPORT
 from hybridgan.session import TrainingSession, build_adam, run_stage, run_stage_cli, speed_up
 
 EXPORT_NAME = "generator.safetensors"
@@ -34,12 +36,19 @@ def stage_name(cfg: Config) -> str:
     return f"train-{cfg.discriminator.kind}"
 
 
+def pretrained_path(cfg: Config) -> Path:
+    """`discriminator.pretrained`, or by default this run folder's pretraining export."""
+    if cfg.discriminator.pretrained:
+        return Path(cfg.discriminator.pretrained)
+    return Path(cfg.run.root) / cfg.run.name / "pretrain" / DISCRIMINATOR_EXPORT
+
+
 def load_pretrained_discriminator(cfg: Config, disc: torch.nn.Module) -> None:
-    """Load `discriminator.pretrained` into `disc`; ExportError naming the path when that fails."""
-    path = Path(cfg.discriminator.pretrained)
-    if not cfg.discriminator.pretrained:
-        raise ExportError("discriminator.pretrained is empty: give the pretraining export "
-                          "(runs/<name>/pretrain/discriminator.safetensors) or set discriminator.from_scratch=true")
+    """Load the pretraining export into `disc`; ExportError naming the path when that fails."""
+    path = pretrained_path(cfg)
+    if not path.is_file():
+        raise ExportError(f"{path}: pretraining export not found; run `python -m hybridgan.pretrain` with "
+                          f"this config first, or set discriminator.from_scratch=true")
     state, _ = load_export(path, "discriminator")
     try:
         disc.load_state_dict(state)

@@ -169,6 +169,13 @@ def executor_for(args: argparse.Namespace, folder: Path, stage: str) -> submitit
     return executor
 
 
+def stage_env(stage: str, env: dict[str, str]) -> dict[str, str]:
+    """Evaluate runs on one GPU at most (its job asks for one), whatever the training stages use."""
+    if stage != "evaluate":
+        return env
+    return {**env, "GPUS_PER_NODE": str(min(int(env["GPUS_PER_NODE"]), 1)), "ACCELERATE_CONFIG": ""}
+
+
 def submit(args: argparse.Namespace) -> dict[str, str]:
     """Submit the selected stages; returns stage -> job id (printed as they go)."""
     if args.cluster == "slurm" and args.partition:
@@ -194,7 +201,7 @@ def submit(args: argparse.Namespace) -> dict[str, str]:
         elif args.cluster == "local":
             for name, job in jobs.items():  # one stage after the other on this machine
                 _wait_local(name, job)
-        jobs[stage] = executor.submit(StageJob(stage, table[stage], cwd, env))
+        jobs[stage] = executor.submit(StageJob(stage, table[stage], cwd, stage_env(stage, env)))
         ids[stage] = str(jobs[stage].job_id)
         how = f" (afterok:{':'.join(after)})" if after and args.cluster == "slurm" else ""
         print(f"[submit] {stage}: job {ids[stage]}{how}", flush=True)

@@ -33,9 +33,10 @@ def run_stage(module: str, args: list[str], launcher: list[str] | None = None,
     return subprocess.run(command, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def start_stage(module: str, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=stage_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_stage(module: str, args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    """Start a stage in a process group of its own, so that a signal reaches every rank."""
+    return subprocess.Popen([*(launcher or [sys.executable]), "-m", module, *args], cwd=REPO, env=stage_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -52,18 +53,19 @@ def latest_step(stage_dir: Path) -> int:
 
 
 def kill_after_checkpoint(module: str, args: list[str], stage_dir: Path, min_step: int,
-                          sig: int = signal.SIGKILL) -> subprocess.Popen:
-    """Start a stage, send `sig` once a checkpoint of at least `min_step` exists; returns the process."""
-    proc = start_stage(module, args)
+                          sig: int = signal.SIGKILL, launcher: list[str] | None = None) -> subprocess.Popen:
+    """Start a stage, send `sig` to its whole process group once a checkpoint of at least
+    `min_step` exists; returns the process."""
+    proc = start_stage(module, args, launcher)
     try:
         wait_for(lambda: latest_step(stage_dir) >= min_step or proc.poll() is not None, 300,
                  f"a checkpoint in {stage_dir}")
         assert proc.poll() is None, f"stage ended before it could be killed:\n{proc.stdout.read()}"
-        proc.send_signal(sig)
+        os.killpg(proc.pid, sig)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     return proc
 
 

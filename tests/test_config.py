@@ -103,3 +103,11 @@ def test_cli_helpers_exit_with_one_line(tmp_path):
     with pytest.raises(SystemExit) as err:
         config_from_args(parser.parse_args(["--config", str(tmp_path / "x.yaml")]))
     assert str(err.value).startswith("config error: ") and "x.yaml" in str(err.value)
+
+
+def test_out_of_range_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  betas: [0.5, 1.5]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert _one_line(err) == f"{path}: train.betas=[0.5, 1.5] must be two numbers in [0, 1)"

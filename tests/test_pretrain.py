@@ -109,3 +109,21 @@ def test_two_real_processes_share_gradients_and_only_rank0_writes(tiny_shards, t
     # 64 train images in shards of 10 (and one of 4): rank 0 reads 34, rank 1 reads 30, so both
     # ranks run 30 // 4 = 7 full batches, the most that every rank has
     assert read_records(stage, "epoch")[0]["step"] == 7
+
+
+def test_two_ranks_killed_and_resumed_give_the_uninterrupted_epoch_means_and_weights(tiny_shards, tmp_path):
+    base = ["pretrain.epochs=2", "pretrain.batch_size=4", "pretrain.checkpoint_every=3"]
+    whole = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, "run.name=whole", *base),
+                      launcher=ACCELERATE_2_RANKS)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = tiny_args(tiny_shards, tmp_path, "run.name=killed", *base)
+    stage = tmp_path / "killed" / "pretrain"
+    kill_after_checkpoint("hybridgan.pretrain", args, stage, min_step=3, launcher=ACCELERATE_2_RANKS)
+    interrupted_at = latest_step(stage)
+    assert 3 <= interrupted_at < 14 and interrupted_at % 7 != 0, "the kill must fall inside an epoch"
+    resumed = run_stage("hybridgan.pretrain", args, launcher=ACCELERATE_2_RANKS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["world_size"] for r in launches(stage)] == [2, 2]
+    reference = tmp_path / "whole" / "pretrain"
+    assert read_records(stage, "epoch") == read_records(reference, "epoch")
+    assert_same_weights(reference / EXPORT_NAME, stage / EXPORT_NAME)

@@ -77,8 +77,11 @@ def test_missing_pretraining_export_is_one_clear_error(tiny_shards, tmp_path):
     missing = tmp_path / "nowhere" / DISC_EXPORT
     result = run_stage("hybridgan.train", tiny_args(tiny_shards, tmp_path, f"discriminator.pretrained={missing}"))
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: export not found"
-    with pytest.raises(ExportError, match="from_scratch"):
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {missing}: pretraining export not found; run `python -m hybridgan.pretrain` with this "
+        f"config first, or set discriminator.from_scratch=true")
+    default = tmp_path / "empty" / "pretrain" / DISC_EXPORT
+    with pytest.raises(ExportError, match=f"^{default}: pretraining export not found"):
         train(tiny_config(tiny_shards, tmp_path, "run.name=empty", "discriminator.pretrained=''"))
 
 
