@@ -4,8 +4,10 @@ seed), through the real stage command: bf16 autocast vs fp32, torch.compile vs e
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import tiny_args
+from hybridgan.inpaint import load_generator
 from stage_runs import read_records, run_stage
 
 ONE_STEP = ["train.max_steps=1", "train.log_every=1", "discriminator.from_scratch=true", "train.eval_every=0"]
@@ -44,6 +46,8 @@ def test_two_compiled_steps_agree_with_eager(tiny_shards, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         records[compiled] = read_records(tmp_path / f"compile-{compiled}" / "train-pathak", "train")
     assert [r["step"] for r in records["true"]] == [1, 2]
+    model, _ = load_generator(tmp_path / "compile-true" / "train-pathak" / "generator.safetensors", torch.device("cpu"))
+    assert not any("_orig_mod" in key for key in model.state_dict())
     for eager, compiled in zip(records["false"], records["true"]):
         for name in ("disc_loss", "d_real", "d_fake", "gen_pixel_loss", "gen_adv_loss"):
             assert compiled[name] == pytest.approx(eager[name], rel=1e-4), name

@@ -63,3 +63,12 @@ def test_checkpoint_resubmits_the_same_command(tmp_path) -> None:
     again = delayed.function
     assert isinstance(again, StageJob) and again is not job
     assert (again.name, again.command, again.cwd, again.env) == (job.name, job.command, job.cwd, job.env)
+
+
+def test_evaluate_runs_on_one_gpu_whatever_training_uses():
+    from jobs.submit import stage_env
+
+    env = {"GPUS_PER_NODE": "8", "ACCELERATE_CONFIG": "configs/accelerate/multi-gpu.yaml"}
+    assert stage_env("evaluate", env) == {"GPUS_PER_NODE": "1", "ACCELERATE_CONFIG": ""}
+    assert stage_env("train-hybrid", env) == env
+    assert stage_env("evaluate", {"GPUS_PER_NODE": "0", "ACCELERATE_CONFIG": ""})["GPUS_PER_NODE"] == "0"
