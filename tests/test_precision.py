@@ -25,13 +25,12 @@ def test_one_bf16_step_agrees_with_fp32(tiny_shards, tmp_path):
     fp32, bf16 = losses["no"], losses["bf16"]
     assert fp32 != bf16, "bf16 made no difference: autocast is not on"
     # bf16 keeps 8 bits of mantissa: a relative error of a few 1e-3 per op, up to ~5 % through two
-    # untrained networks (measured here: d_fake 5.4 %).
-    # The D-phase values come from the same weights; the G-phase ones follow one D update that bf16
-    # already changed (measured here: 6 % on gen_adv_loss), hence the wider band.
-    for name in ("disc_loss", "d_real", "d_fake"):
+    # untrained networks (measured here: d_fake 5.4 %). Compared: what both runs compute from the
+    # same weights (D phase, and G's pixel loss: G has not been updated yet). Not compared:
+    # gen_adv_loss, judged by the D that one Adam step just changed; Adam's first step is about
+    # lr * sign(gradient), so bf16's gradient noise flips whole updates (measured: 6 % to 17 %).
+    for name in ("disc_loss", "d_real", "d_fake", "gen_pixel_loss"):
         assert bf16[name] == pytest.approx(fp32[name], rel=0.1, abs=0.01), name
-    for name in ("gen_pixel_loss", "gen_adv_loss"):
-        assert bf16[name] == pytest.approx(fp32[name], rel=0.15, abs=0.01), name
 
 
 @pytest.mark.slow

@@ -199,7 +199,7 @@ def test_bad_template_variables_fail_in_one_line(slurm_env, tmp_path) -> None:
     """A missing config, a bad override or a missing Accelerate config: exit 2, one line naming it."""
     cases = {
         "config": ({"CONFIG": "configs/nope.yaml"}, [], "train.sbatch: CONFIG=configs/nope.yaml: config file not found"),
-        "override": ({}, ["train.batch_size=0"], "train.sbatch: config error: train.batch_size=0 must be > 0"),
+        "override": ({}, ["train.batch_size=0"], "train.sbatch: config error: configs/smoke-cpu.yaml with overrides: train.batch_size=0 must be > 0"),
         "accelerate": ({"ACCELERATE_CONFIG": "configs/accelerate/nope.yaml"}, [],
                        "train.sbatch: ACCELERATE_CONFIG=configs/accelerate/nope.yaml: file not found"),
     }
