@@ -391,5 +391,8 @@ def run_stage_cli(stage: Callable[[Config], Any], cfg: Config) -> None:
     except (TrainingError, ValueError, FileNotFoundError) as err:
         if os.environ.get("HYBRIDGAN_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # an error raised in a DataLoader worker comes back wrapped with the worker's traceback:
+        # its last line is the original one
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"error: {lines[-1]}", file=sys.stderr)
         sys.exit(1)

@@ -147,3 +147,21 @@ def test_bench_loader_reports_figures(shards, tmp_path, capsys):
     assert all(row["images"] == 3 * 16 and row["images_per_s"] > 0 for row in figures["loader"])
     assert figures["pack"][0]["images"] == 12 and figures["pack"][0]["images_per_s"] > 0
     assert "train loader" in capsys.readouterr().out
+
+
+def test_a_corrupt_jpeg_in_a_shard_names_shard_and_key(shards, tmp_path):
+    import shutil
+    import tarfile
+
+    import webdataset as wds
+
+    copy = tmp_path / "syn"
+    shutil.copytree(shards, copy)
+    shard = copy / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        first_key = sorted(m.name for m in tar.getmembers())[0].split(".")[0]
+    with wds.TarWriter(str(shard)) as writer:
+        writer.write({"__key__": first_key, "jpg": b"\xff\xd8 not a jpeg", "json": b"{}"})
+    with pytest.raises(LoaderError) as err:
+        _epoch(_cfg(copy, "data.workers=0"), "val")
+    assert str(err.value).startswith(f"{shard}: sample {first_key}: not a readable JPEG")

@@ -123,6 +123,15 @@ def _resize(image: Image.Image, size: int, box: tuple[float, ...], flip: bool,
 
 
 def _decode(sample: dict[str, Any], opts: _Options) -> dict[str, Any]:
+    """One sample's arrays; a sample that does not decode is a LoaderError naming shard and key."""
+    try:
+        return _decode_arrays(sample, opts)
+    except (KeyError, OSError, SyntaxError, ValueError) as err:
+        raise LoaderError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')}: not a readable "
+                          f"JPEG ({err}); re-pack the dataset (python -m hybridgan.pack)") from None
+
+
+def _decode_arrays(sample: dict[str, Any], opts: _Options) -> dict[str, Any]:
     """One sample's arrays: image (and blurred, blur_target) at image_size, uint8 / float32."""
     key = sample["__key__"]
     rng = np.random.default_rng(stable_seed(opts.seed, opts.epoch if opts.train else "eval", key))
