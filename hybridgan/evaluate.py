@@ -86,6 +86,13 @@ def load_runs(sources: list[str], device: torch.device) -> list[Run]:
         if run.cfg.data.image_size != first:
             raise EvalError(f"{run.path}: data.image_size={run.cfg.data.image_size} differs from "
                             f"{runs[0].path}'s {first}")
+    mask = runs[0].cfg.mask
+    for run in runs:
+        centre_only = run.model.output_size != run.model.image_size
+        if centre_only and (mask.kind != "center" or mask.hole_size != run.model.hole_size):
+            raise EvalError(f"{run.path}: fills only a central {run.model.hole_size}x{run.model.hole_size} hole, "
+                            f"but the evaluation uses mask.kind={mask.kind}, mask.hole_size={mask.hole_size} "
+                            f"(from {runs[0].path})")
     return runs
 
 

@@ -121,3 +121,14 @@ def test_two_ranks_give_the_single_process_numbers(evaluated, tiny_shards, tmp_p
     for one, two in zip(single["runs"], double["runs"]):
         assert (one["name"], one["n"]) == (two["name"], two["n"])
         assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-5)
+
+
+def test_a_centre_hole_generator_is_not_evaluated_on_other_holes(tiny_shards, tmp_path, capsys):
+    box = make_run(tmp_path / "t" / "train-box", tiny_shards, tmp_path, "hybrid", 0)
+    cfg = tiny_config(tiny_shards, tmp_path, "mask.kind=random_box", "mask.min_box=8", "mask.max_box=16")
+    save_export(build_generator(cfg).state_dict(), box / "generator.safetensors", cfg, "generator")
+    centre = make_run(tmp_path / "t" / "train-centre", tiny_shards, tmp_path, "hybrid", 1)
+    assert main([str(box), str(centre), "--out", str(tmp_path / "o")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: {centre / 'generator.safetensors'}: fills only a central 16x16 hole, but the "
+                    f"evaluation uses mask.kind=random_box, mask.hole_size=16 (from {box / 'generator.safetensors'})")
