@@ -23,7 +23,6 @@ from hybridgan.config import Config, add_config_arguments, config_from_args, sav
 from hybridgan.data.manifest import MANIFEST
 from hybridgan.pretrain import EXPORT_NAME as DISCRIMINATOR_EXPORT
 from hybridgan.report import markdown_table, table1, table2
-from hybridgan.train import EXPORT_NAME as GENERATOR_EXPORT
 
 class StageFailed(RuntimeError):
     """A stage's process exited non-zero; its own one-line error is already on stderr."""
@@ -34,11 +33,11 @@ def run_folder(cfg: Config) -> Path:
 
 
 def stage_commands(cfg_path: Path, cfg: Config, launcher: list[str]) -> list[tuple[str, list[str], Path | None]]:
-    """(name, command, file it produces) of every stage in chain order.
+    """(name, command, file that makes it unnecessary) of every stage in chain order.
 
-    Pack runs whenever `data.source` is set: on a finished identical pack it only checks the plan,
-    and on a folder holding a different pack it is the stage that says so. Without a source it is
-    skipped when the shards folder holds a finished pack.
+    Only pack can be unnecessary: without `data.source`, when the shards folder holds a finished
+    pack. With a source it runs: on a finished identical pack it only checks the plan, and on a
+    folder holding a different pack it is the stage that says so.
     """
     folder = run_folder(cfg)
     base = ["--config", str(cfg_path)]
@@ -47,18 +46,22 @@ def stage_commands(cfg_path: Path, cfg: Config, launcher: list[str]) -> list[tup
     return [
         ("pack", [sys.executable, "-m", "hybridgan.pack", cfg.data.source, "--out", cfg.data.shards, *base],
          None if cfg.data.source else Path(cfg.data.shards) / MANIFEST),
-        ("pretrain", [*module, "hybridgan.pretrain", *base], pretrained),
+        ("pretrain", [*module, "hybridgan.pretrain", *base], None),
         ("train-hybrid", [*module, "hybridgan.train", *base, "discriminator.kind=hybrid",
-                          f"discriminator.pretrained={pretrained}"], folder / "train-hybrid" / GENERATOR_EXPORT),
-        ("train-pathak", [*module, "hybridgan.train", *base, "discriminator.kind=pathak"],
-         folder / "train-pathak" / GENERATOR_EXPORT),
+                          f"discriminator.pretrained={pretrained}"], None),
+        ("train-pathak", [*module, "hybridgan.train", *base, "discriminator.kind=pathak"], None),
         ("evaluate", [*module, "hybridgan.evaluate", str(folder / "train-hybrid"), str(folder / "train-pathak"),
-                      "--out", str(folder / "eval")], folder / "eval" / "eval.json"),
+                      "--out", str(folder / "eval")], None),
     ]
 
 
 def run_chain(cfg: Config, launcher: list[str]) -> Path:
-    """Run every stage whose output is missing; returns the report's path."""
+    """Run every stage in order; returns the report's path.
+
+    A finished training stage is run again too: it resumes at its last step and only re-exports,
+    so a re-run costs seconds, and a re-run with a changed config is refused by the stage, naming
+    the keys, instead of silently reusing results of another config.
+    """
     folder = run_folder(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     cfg_path = folder / "reproduce.yaml"
@@ -66,7 +69,7 @@ def run_chain(cfg: Config, launcher: list[str]) -> Path:
     timings: list[tuple[str, str]] = []
     for name, command, output in stage_commands(cfg_path, cfg, launcher):
         if output is not None and output.is_file():
-            timings.append((name, "done before"))
+            timings.append((name, "packed before"))
             continue
         print(f"[reproduce] {name}: {shlex.join(command)}", flush=True)
         start = time.perf_counter()

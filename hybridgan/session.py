@@ -126,13 +126,16 @@ class TrainingSession:
         self.accelerator.print(*args)
 
     def _write_config(self) -> None:
-        """Every rank compares with the folder's config (so that all of them stop on a mismatch);
-        the main process writes it when the folder has none."""
+        """Every rank compares with the folder's config (so that all of them stop on a mismatch;
+        the other stage's and evaluation's settings do not count); the main process writes it when
+        the folder has none."""
         path = self.dir / "config.yaml"
         if path.is_file():
             old = OmegaConf.create(path.read_text())
             new = OmegaConf.create(to_yaml(self.cfg))
-            changed = _changed_keys(OmegaConf.to_container(old), OmegaConf.to_container(new))
+            other_stages = ("eval.", "train." if self.stage_cfg is self.cfg.pretrain else "pretrain.")
+            changed = [key for key in _changed_keys(OmegaConf.to_container(old), OmegaConf.to_container(new))
+                       if not key.startswith(other_stages)]
             if changed:
                 raise TrainingError(
                     f"{path}: this run folder was started with a different config "
