@@ -12,13 +12,12 @@ which GAN training starts from.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid
 
-from hybridgan.config import Config, add_config_arguments, config_from_args
+from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed
 from hybridgan.exports import save_export
 from hybridgan.losses import blur_discriminator_loss
@@ -136,10 +135,7 @@ def pretrain(cfg: Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    run_stage_cli(pretrain, cfg)
+    run_stage_cli(pretrain, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from hybridgan.checkpoint import CheckpointManager
-from hybridgan.config import Config, StageConfig, save_config, to_yaml
+from hybridgan.config import Config, StageConfig, add_config_arguments, config_from_args, save_config, to_yaml
 from hybridgan.tracking import MetricsLogger
 
 EXIT_REQUEUE = 75
@@ -384,11 +385,12 @@ def run_stage(session: TrainingSession, steps_per_epoch: int,
         session.end_step(epoch, step(batch))
 
 
-def run_stage_cli(stage: Callable[[Config], Any], cfg: Config) -> None:
-    """Run a stage from the command line: a known failure is one line on stderr and exit code 1.
-
-    Set HYBRIDGAN_DEBUG=1 to get the full traceback instead.
-    """
+def run_stage_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
+    """A stage's command line (`--config FILE` and `key=value` overrides): run it, and print a known
+    failure as one line on stderr with exit code 1. Set HYBRIDGAN_DEBUG=1 for the full traceback."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
     try:
         stage(cfg)
     except (TrainingError, ValueError, FileNotFoundError) as err:

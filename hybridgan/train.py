@@ -12,13 +12,12 @@ stage folder is `runs/<name>/train-<kind>/`; the result is `generator.safetensor
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid
 
-from hybridgan.config import Config, add_config_arguments, config_from_args
+from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError, load_export, save_export
@@ -196,10 +195,7 @@ def train(cfg: Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    run_stage_cli(train, cfg)
+    run_stage_cli(train, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
