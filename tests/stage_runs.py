@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,8 +17,19 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-ACCELERATE_2_RANKS = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29631"]
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now, so that concurrent multi-process test runs do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_2_ranks() -> list[str]:
+    """`accelerate launch` of real 2-rank DDP over gloo on the CPU, on a free port."""
+    return [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
 
 
 def stage_env() -> dict[str, str]:

@@ -7,17 +7,20 @@ from safetensors.torch import load_file
 
 from conftest import tiny_args
 from hybridgan.train import EXPORT_NAME
-from stage_runs import ACCELERATE, launches, read_records, run_stage
+from stage_runs import ACCELERATE, free_port, launches, read_records, run_stage
 
-DEEPSPEED_2_RANKS = [*ACCELERATE, "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
-                     "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "29641"]
+
+
+def deepspeed_2_ranks() -> list[str]:
+    return [*ACCELERATE, "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port())]
 
 
 @pytest.mark.slow
 def test_gan_training_under_deepspeed_zero2_with_one_engine_per_model(tiny_shards, tmp_path):
     args = tiny_args(tiny_shards, tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.batch_size=4",
                      "discriminator.from_scratch=true")
-    result = run_stage("hybridgan.train", args, launcher=DEEPSPEED_2_RANKS)
+    result = run_stage("hybridgan.train", args, launcher=deepspeed_2_ranks())
     assert result.returncode == 0, result.stderr[-3000:]
     stage = tmp_path / "t" / "train-hybrid"
     [launch] = launches(stage)

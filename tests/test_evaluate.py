@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from stage_runs import run_stage
+from stage_runs import free_port, run_stage
 from hybridgan.evaluate import BASELINE, main
 from hybridgan.exports import save_export
 from hybridgan.metrics import METRICS
@@ -112,7 +112,7 @@ def test_two_ranks_give_the_single_process_numbers(evaluated, tiny_shards, tmp_p
     single = json.loads((out / "eval.json").read_text())
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29647"]
+                "--main_process_port", str(free_port())]
     proc = run_stage("hybridgan.evaluate", [str(out.parent / "train-hybrid"), str(out.parent / "train-pathak"),
                                             "--cpu", "--batch-size", "3", "--out", str(tmp_path)],
                      launcher=launcher, timeout=240)

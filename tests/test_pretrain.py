@@ -13,7 +13,7 @@ from hybridgan.pack import pack
 from hybridgan.exports import load_export
 from hybridgan.pretrain import EXPORT_NAME, pretrain
 from hybridgan.session import EXIT_REQUEUE
-from stage_runs import (ACCELERATE_2_RANKS, assert_same_weights, kill_after_checkpoint, latest_step,
+from stage_runs import (accelerate_2_ranks, assert_same_weights, kill_after_checkpoint, latest_step,
                         launches, read_records, run_stage)
 
 # 64x64 is the smallest size where the blur survives the resize; a from-scratch ResNet50 learns it
@@ -99,7 +99,7 @@ def test_sigterm_checkpoints_before_exit(tiny_shards, tmp_path):
 
 def test_two_real_processes_share_gradients_and_only_rank0_writes(tiny_shards, tmp_path):
     args = tiny_args(tiny_shards, tmp_path, "pretrain.epochs=1", "pretrain.batch_size=4")
-    result = run_stage("hybridgan.pretrain", args, launcher=ACCELERATE_2_RANKS)
+    result = run_stage("hybridgan.pretrain", args, launcher=accelerate_2_ranks())
     assert result.returncode == 0, result.stderr[-3000:]
     stage = tmp_path / "t" / "pretrain"
     [launch] = launches(stage)
@@ -114,14 +114,14 @@ def test_two_real_processes_share_gradients_and_only_rank0_writes(tiny_shards, t
 def test_two_ranks_killed_and_resumed_give_the_uninterrupted_epoch_means_and_weights(tiny_shards, tmp_path):
     base = ["pretrain.epochs=2", "pretrain.batch_size=4", "pretrain.checkpoint_every=3"]
     whole = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, "run.name=whole", *base),
-                      launcher=ACCELERATE_2_RANKS)
+                      launcher=accelerate_2_ranks())
     assert whole.returncode == 0, whole.stderr[-3000:]
     args = tiny_args(tiny_shards, tmp_path, "run.name=killed", *base)
     stage = tmp_path / "killed" / "pretrain"
-    kill_after_checkpoint("hybridgan.pretrain", args, stage, min_step=3, launcher=ACCELERATE_2_RANKS)
+    kill_after_checkpoint("hybridgan.pretrain", args, stage, min_step=3, launcher=accelerate_2_ranks())
     interrupted_at = latest_step(stage)
     assert 3 <= interrupted_at < 14 and interrupted_at % 7 != 0, "the kill must fall inside an epoch"
-    resumed = run_stage("hybridgan.pretrain", args, launcher=ACCELERATE_2_RANKS)
+    resumed = run_stage("hybridgan.pretrain", args, launcher=accelerate_2_ranks())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["world_size"] for r in launches(stage)] == [2, 2]
     reference = tmp_path / "whole" / "pretrain"

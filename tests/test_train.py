@@ -18,7 +18,7 @@ from hybridgan.metrics import HoleMetrics, mean_fill
 from hybridgan.pretrain import EXPORT_NAME as DISC_EXPORT, pretrain
 from hybridgan.session import TrainingError, TrainingSession
 from hybridgan.train import EXPORT_NAME, GanTraining, train
-from stage_runs import (ACCELERATE_2_RANKS, assert_same_weights, kill_after_checkpoint, latest_step,
+from stage_runs import (accelerate_2_ranks, assert_same_weights, kill_after_checkpoint, latest_step,
                         launches, read_records, run_stage, stage_env)
 
 TABLE2 = ("gen_adv_loss", "gen_pixel_loss", "disc_loss")
@@ -126,7 +126,7 @@ def test_sigkill_then_rerun_finishes_with_the_uninterrupted_generator(tiny_shard
 
 def test_two_real_processes_sync_both_models_on_disjoint_samples(tiny_shards, tmp_path):
     overrides = tiny_args(tiny_shards, tmp_path)[2:]
-    probe = [*ACCELERATE_2_RANKS, str(REPO / "tests" / "ddp_probe.py"), str(tmp_path), "--config", str(SMOKE),
+    probe = [*accelerate_2_ranks(), str(REPO / "tests" / "ddp_probe.py"), str(tmp_path), "--config", str(SMOKE),
              *overrides]
     result = subprocess.run(probe, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -140,7 +140,7 @@ def test_two_real_processes_sync_both_models_on_disjoint_samples(tiny_shards, tm
 
 def test_two_process_training_writes_from_rank0_only(tiny_shards, tmp_path):
     args = tiny_args(tiny_shards, tmp_path, "train.max_steps=4", "discriminator.from_scratch=true")
-    result = run_stage("hybridgan.train", args, launcher=ACCELERATE_2_RANKS)
+    result = run_stage("hybridgan.train", args, launcher=accelerate_2_ranks())
     assert result.returncode == 0, result.stderr[-3000:]
     stage = tmp_path / "t" / "train-hybrid"
     assert launches(stage)[0]["world_size"] == 2
