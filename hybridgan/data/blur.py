@@ -1,4 +1,5 @@
-"""The pretraining corruption (DESIGN.md): Gaussian-blur one square of the 256x256 source frame.
+"""The pretraining corruption: Gaussian-blur one square of the 256x256 source frame (docs/paper.md says why
+the square lives in the 256 frame: the paper's (80, 80) corner and 64-80 side do not fit a 128 image).
 
 The square's top-left corner is `(blur.top_left, blur.top_left)`, its side an integer drawn from
 `[blur.min_side, blur.max_side]`, and the Gaussian's variance is drawn uniformly from
