@@ -72,11 +72,13 @@ def test_folder_pack_writes_readable_shards_and_manifest(folder_pack, image_fold
     out, manifest = folder_pack
     assert manifest == read_manifest(out) and manifest["version"] == "0.1.0"
     assert manifest["counts"] == {"train": 7, "val": 2, "test": 1} and manifest["skipped"] == 0
+    assert manifest["not_images"] == ["notes.txt"] and manifest["skipped_files"] == []
     assert manifest["image_size"] == 256 and manifest["source"] == str(image_folder.resolve())
     names = sorted(p.name for p in out.glob("*.tar"))
     assert names == ["test-000000.tar", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
     for shard in manifest["shards"]:
         assert shard["sha256"] == _sha(out / shard["name"])
+        assert shard["size"] == (out / shard["name"]).stat().st_size
     assert [s["count"] for s in manifest["shards"] if s["split"] == "train"] == [4, 3]
     listing = subprocess.run(["tar", "-tf", str(out / "train-000000.tar")], capture_output=True,
                              text=True, check=True).stdout.split()
@@ -211,7 +213,7 @@ def test_empty_folder_and_bad_sources_are_clear_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.txt").write_text("x")
-    with pytest.raises(PackError, match=f"{empty}: no .jpg/.jpeg/.png images"):
+    with pytest.raises(PackError, match=f"{empty}: no image files found"):
         pack(str(empty), tmp_path / "out", CFG)
     assert not (tmp_path / "out").exists()
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--config",
