@@ -87,3 +87,19 @@ def test_verify_cli_names_every_mismatch(copy, packed, capsys):
     assert "2 of 4 shards do not match" in captured.out
     assert main(["--verify", str(copy / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_training_refuses_a_truncated_shard_before_its_first_step(tiny_shards, tmp_path, capsys):
+    from conftest import tiny_args
+    from hybridgan.train import main as train_main
+
+    shards = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
+    shard = shards / "train-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as stopped:
+        train_main(tiny_args(shards, tmp_path / "runs", "discriminator.from_scratch=true"))
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {shard}: 1000 bytes, the manifest says")
+    stage = tmp_path / "runs" / "t" / "train-hybrid"
+    assert stage.is_dir() and not (stage / "metrics.jsonl").exists() and not (stage / "checkpoints").exists()
