@@ -219,7 +219,8 @@ class _Reader:
             return (Path(self.source.root) / ref).read_bytes()
         except ZIP_ERRORS as err:
             what = "damaged zip member" if self.archive is not None else "unreadable file"
-            raise PackError(f"{self.name(ref)}: {what} ({type(err).__name__}: {err})") from None
+            kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__
+            raise PackError(f"{self.name(ref)}: {what} ({kind}: {err})") from None
 
     def close(self) -> None:
         if self.archive is not None:
