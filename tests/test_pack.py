@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import zipfile
 from pathlib import Path
