@@ -1,9 +1,16 @@
 """Pack a folder, a zip or `synthetic:N` into WebDataset tar shards plus `manifest.json`.
 
     python -m hybridgan.pack SOURCE --out shards/NAME [--config FILE] [--workers N] [--skip-bad] [key=value ...]
+    python -m hybridgan.pack --verify shards/NAME
+
+Every file whose suffix is a format Pillow reads is an image (`hybridgan.data.photo`: converted to
+8-bit RGB, EXIF orientation applied); every other file is listed in the manifest as `not_images`
+and counted in the summary, never dropped silently. An image that does not decode (or a damaged
+zip member) stops the pack with one line naming it; with `--skip-bad` it is skipped and listed,
+with the reason, in the manifest's `skipped_files` and in the summary.
 
 Every sample is `KEY.jpg` (`pack.source_size` square: centre-cropped and resized when the source
-differs; a source JPEG of exactly that size and RGB is stored byte for byte) and `KEY.json` (source
+differs; an upright RGB JPEG of exactly that size is stored byte for byte) and `KEY.json` (source
 name, original size, split). KEY is the source's relative path with every character other than
 letters, digits, `_` and `-` replaced by `_` (WebDataset splits names at the first dot).
 
@@ -11,11 +18,14 @@ Split: keys are ordered by the sha256 of the key; the first round(N * val_fracti
 next round(N * test_fraction) test, the rest train (30,000 -> 1,000/1,000/28,000). The split of a
 key depends on the set of keys only, never on the source's order; adding images moves only keys whose
 hash lies at a split boundary. Each split's keys, in that order, are cut into shards of
-`pack.shard_size`: a shard is a fixed, independent unit of work.
+`pack.shard_size`: a shard is a fixed, independent unit of work. A val or test split that would be
+empty (too few images for the fractions, or every one of them unreadable) is an error at pack time.
 
 Restartable: `plan.json` (the shard plan) is written first; each shard is written to
-`.NAME.tmp` and renamed when complete; `manifest.json` is written last, atomically. A re-run finishes
-the missing shards and leaves finished ones untouched; a folder holding a different plan is an error.
+`.NAME.tmp` and renamed when complete (with `.NAME.skipped.json`, its skipped files, written just
+before); `manifest.json` is written last, atomically, with each shard's size and sha256. A re-run
+finishes the missing shards and leaves finished ones untouched; a folder holding a different plan is
+an error. `--verify` re-hashes every shard against the manifest (`hybridgan.data.manifest`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import sys
 import tarfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,11 +52,15 @@ from webdataset import TarWriter
 
 import hybridgan
 from hybridgan.config import PackConfig, add_config_arguments, config_from_args
-from hybridgan.data.manifest import MANIFEST, SPLITS
+from hybridgan.data.manifest import MANIFEST, SPLITS, ManifestError, verify_shards
+from hybridgan.data.photo import PhotoError, is_photo_name, is_plain_frame, open_photo, square_frame
 from hybridgan.data.synthetic import synthetic_face
 
 PLAN = "plan.json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SHOWN_NAMES = 20
+"""How many skipped or ignored file names the summary line prints (the manifest lists them all)."""
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError)
+"""What reading a damaged (bad CRC, truncated, undecompressable) or encrypted zip member raises."""
 
 
 class PackError(ValueError):
@@ -54,11 +69,15 @@ class PackError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """Where images come from: kind is "folder", "zip" or "synthetic"; refs index into it."""
+    """Where images come from: kind is "folder", "zip" or "synthetic"; refs index into it.
+
+    `ignored` are the source's files that are not images (by suffix), listed in the manifest.
+    """
 
     kind: str
     root: str
     refs: tuple[str, ...]
+    ignored: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return self.root if self.kind != "synthetic" else f"synthetic:{len(self.refs)}"
@@ -75,23 +94,24 @@ def _open_source(source: str) -> Source:
         return Source("synthetic", source, tuple(str(i) for i in range(int(count))))
     path = Path(source)
     if path.is_dir():
-        refs = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
         kind = "folder"
     elif path.is_file() and path.suffix.lower() == ".zip":
         try:
             with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except zipfile.BadZipFile as err:
+                files = [n for n in archive.namelist() if not n.endswith("/")]
+        except (zipfile.BadZipFile, OSError) as err:
             raise PackError(f"{path}: not a readable zip file ({err})") from None
-        refs = sorted(n for n in names if not n.endswith("/") and not n.startswith("__MACOSX/")
-                      and Path(n).suffix.lower() in IMAGE_SUFFIXES)
         kind = "zip"
     else:
         raise PackError(f"source {source}: not a folder, a .zip file or synthetic:N")
+    # macOS zips carry a resource fork per file under __MACOSX/, with the image's name: not images.
+    refs = sorted(f for f in files if is_photo_name(f) and not f.startswith("__MACOSX/"))
     if not refs:
-        raise PackError(f"source {source}: no .jpg/.jpeg/.png images found")
-    return Source(kind, str(path.resolve()), tuple(refs))
+        raise PackError(f"source {source}: no image files found (suffixes of the formats Pillow reads: "
+                        f".jpg, .png, .gif, .webp, .tif, .bmp ...)")
+    taken = set(refs)
+    return Source(kind, str(path.resolve()), tuple(refs), tuple(sorted(f for f in files if f not in taken)))
 
 
 def sample_key(ref: str) -> str:
@@ -114,6 +134,16 @@ def split_sizes(total: int, cfg: PackConfig) -> dict[str, int]:
     return {"train": total - val - test, "val": val, "test": test}
 
 
+def _check_split_sizes(sizes: dict[str, int], what: str) -> None:
+    """PackError when val or test would be empty: training and evaluation need both."""
+    empty = [split for split in ("val", "test") if sizes[split] == 0]
+    if empty:
+        counts = ", ".join(f"{split} {sizes[split]}" for split in SPLITS)
+        keys = " and ".join(f"pack.{split}_fraction" for split in empty)
+        raise PackError(f"{what} give an empty {' and '.join(empty)} split ({counts}): "
+                        f"add images or raise {keys}")
+
+
 def make_plan(source: Source, cfg: PackConfig) -> dict[str, Any]:
     """The full, deterministic shard plan: which key (and source reference) goes in which shard."""
     keyed: dict[str, str] = {}
@@ -125,6 +155,7 @@ def make_plan(source: Source, cfg: PackConfig) -> dict[str, Any]:
         keyed[key] = ref
     ordered = sorted(keyed, key=lambda k: (_hash(k), k))
     sizes = split_sizes(len(ordered), cfg)
+    _check_split_sizes(sizes, f"{len(ordered)} images in {source.describe()}")
     bounds = {"val": (0, sizes["val"]), "test": (sizes["val"], sizes["val"] + sizes["test"]),
               "train": (sizes["val"] + sizes["test"], len(ordered))}
     shards = []
@@ -181,9 +212,15 @@ class _Reader:
         return str(Path(self.source.root) / ref)
 
     def read(self, ref: str) -> bytes:
-        if self.archive is not None:
-            return self.archive.read(ref)
-        return (Path(self.source.root) / ref).read_bytes()
+        """The file's bytes; PackError naming it when the file or zip member cannot be read."""
+        try:
+            if self.archive is not None:
+                return self.archive.read(ref)
+            return (Path(self.source.root) / ref).read_bytes()
+        except ZIP_ERRORS as err:
+            what = "damaged zip member" if self.archive is not None else "unreadable file"
+            kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__
+            raise PackError(f"{self.name(ref)}: {what} ({kind}: {err})") from None
 
     def close(self) -> None:
         if self.archive is not None:
@@ -191,33 +228,23 @@ class _Reader:
 
 
 def _encode(image: Image.Image, size: int, quality: int) -> bytes:
-    image = image.convert("RGB")
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    if side != size or width != height:
-        image = image.resize((size, size), Image.LANCZOS, box=(left, top, left + side, top + side),
-                             reducing_gap=3.0)
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
+    square_frame(image, size).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
 def _image_sample(reader: _Reader, ref: str, size: int, quality: int) -> tuple[bytes, tuple[int, int]]:
-    """JPEG bytes of the `size` square for `ref`, and the source's (width, height)."""
+    """JPEG bytes of the `size` square for `ref`, and the source's upright (width, height)."""
     if reader.source.kind == "synthetic":
         return _encode(synthetic_face(int(ref)), size, quality), (256, 256)
+    data = reader.read(ref)
     try:
-        data = reader.read(ref)
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes fully: truncated or corrupt files fail here, not in training
-            original = image.size
-            if image.format == "JPEG" and image.mode == "RGB" and original == (size, size):
-                return data, original
-            return _encode(image, size, quality), original
-    except (OSError, KeyError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise PackError(f"{reader.name(ref)}: not a readable image ({err}); "
-                        f"fix or remove it, or pass --skip-bad") from None
+        image = open_photo(data, reader.name(ref))  # decodes fully: bad files fail here, not in training
+    except PhotoError as err:
+        raise PackError(str(err)) from None
+    if is_plain_frame(data, size):
+        return data, image.size
+    return _encode(image, size, quality), image.size
 
 
 @dataclass(frozen=True)
@@ -230,29 +257,34 @@ class _Job:
     skip_bad: bool
 
 
-def _write_shard(job: _Job) -> tuple[str, int]:
-    """Write one shard to its temp name, rename it when complete; (name, samples skipped)."""
+def _skipped_path(shard: Path) -> Path:
+    return shard.with_name(f".{shard.name}.skipped.json")
+
+
+def _write_shard(job: _Job) -> str:
+    """Write one shard to its temp name and its skipped files beside it, rename it when complete."""
     final = Path(job.out) / job.shard["name"]
     tmp = final.with_name(f".{final.name}.tmp")
-    reader, skipped = _Reader(job.source), 0
+    reader, skipped = _Reader(job.source), []
     split = job.shard["split"]
     try:
         with open(tmp, "wb") as stream, TarWriter(stream, mtime=0.0) as writer:
             for key, ref in zip(job.shard["keys"], job.shard["refs"]):
                 try:
                     jpg, original = _image_sample(reader, ref, job.size, job.quality)
-                except PackError:
+                except PackError as err:
                     if not job.skip_bad:
-                        raise
-                    skipped += 1
+                        raise PackError(f"{err}; fix or remove it, or pass --skip-bad") from None
+                    skipped.append({"file": ref, "reason": str(err)})
                     continue
                 meta = {"source": reader.name(ref) if job.source.kind == "synthetic" else ref,
                         "original_size": list(original), "split": split}
                 writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
     finally:
         reader.close()
+    _write_json_atomic(_skipped_path(final), skipped)
     tmp.replace(final)
-    return final.name, skipped
+    return final.name
 
 
 def _shard_summary(path: Path, split: str) -> dict[str, Any]:
@@ -260,20 +292,33 @@ def _shard_summary(path: Path, split: str) -> dict[str, Any]:
         count = sum(1 for m in tar.getmembers() if m.name.endswith(".jpg"))
     with open(path, "rb") as stream:
         digest = hashlib.file_digest(stream, "sha256").hexdigest()
-    return {"name": path.name, "split": split, "count": count, "sha256": digest}
+    return {"name": path.name, "split": split, "count": count, "size": path.stat().st_size, "sha256": digest}
 
 
-def _build_manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+def _shard_skipped(out: Path, shard: dict[str, Any], count: int) -> list[dict[str, str]]:
+    """The files a finished shard skipped, as `_write_shard` recorded them."""
+    try:
+        return json.loads(_skipped_path(out / shard["name"]).read_text())
+    except (OSError, ValueError):
+        if count == len(shard["keys"]):
+            return []
+        raise PackError(f"{out / shard['name']}: holds {count} of {len(shard['keys'])} planned images and "
+                        f"its list of skipped files is missing; delete the shard and re-run") from None
+
+
+def _build_manifest(out: Path, plan: dict[str, Any], source: Source) -> dict[str, Any]:
     shards = [_shard_summary(out / s["name"], s["split"]) for s in plan["shards"]]
     counts = {split: sum(s["count"] for s in shards if s["split"] == split) for split in SPLITS}
-    planned = sum(len(s["keys"]) for s in plan["shards"])
+    skipped = [f for s, summary in zip(plan["shards"], shards) for f in _shard_skipped(out, s, summary["count"])]
+    _check_split_sizes(counts, f"the {sum(counts.values())} readable images of {plan['source']} "
+                               f"({len(skipped)} skipped)")
     return {"format": 1, "version": hybridgan.__version__, "source": plan["source"],
             "image_size": plan["image_size"], "jpeg_quality": plan["jpeg_quality"],
-            "counts": counts, "total": sum(counts.values()), "skipped": planned - sum(counts.values()),
-            "shards": shards}
+            "counts": counts, "total": sum(counts.values()), "skipped": len(skipped),
+            "skipped_files": skipped, "not_images": list(source.ignored), "shards": shards}
 
 
-def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[tuple[str, int]]:
+def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[str]:
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_write_shard, jobs)
         return
@@ -296,21 +341,68 @@ def pack(source: str, out: Path, cfg: PackConfig, workers: int | None = None,
     jobs = [_Job(src, s, str(out), cfg.source_size, cfg.jpeg_quality, skip_bad) for s in pending]
     sizes = {s["name"]: len(s["keys"]) for s in pending}
     with tqdm(total=sum(sizes.values()), unit="img", desc=f"pack {out.name}", disable=None) as bar:
-        for name, _ in _run_jobs(jobs, workers if workers is not None else cfg.workers):
+        for name in _run_jobs(jobs, workers if workers is not None else cfg.workers):
             bar.update(sizes[name])
-    manifest = _build_manifest(out, plan)
+    manifest = _build_manifest(out, plan, src)
     _write_json_atomic(out / MANIFEST, manifest)
+    for shard in plan["shards"]:
+        _skipped_path(out / shard["name"]).unlink(missing_ok=True)
     return manifest
+
+
+def _names(files: list[str]) -> str:
+    shown = ", ".join(files[:SHOWN_NAMES])
+    more = len(files) - SHOWN_NAMES
+    return shown + (f" and {more} more (all in {MANIFEST})" if more > 0 else "")
+
+
+def summary_lines(manifest: dict[str, Any], out: Path, seconds: float) -> list[str]:
+    """What `main` prints after a pack: the counts, then every skipped and ignored file by name."""
+    counts = manifest["counts"]
+    lines = [f"packed {manifest['total']} images into {out} in {seconds:.1f} s: train {counts['train']}, "
+             f"val {counts['val']}, test {counts['test']}, skipped {manifest['skipped']}, "
+             f"not images {len(manifest.get('not_images', []))}"]
+    skipped = manifest.get("skipped_files", [])
+    if skipped:
+        lines.append(f"skipped {len(skipped)} unreadable: {_names([s['file'] for s in skipped])}")
+    if manifest.get("not_images"):
+        lines.append(f"ignored {len(manifest['not_images'])} files that are not images: "
+                     f"{_names(manifest['not_images'])}")
+    return lines
+
+
+def _verify(shards_dir: Path) -> int:
+    """`--verify`: re-hash every shard; one line per mismatch, exit 1 when any."""
+    start = time.perf_counter()
+    try:
+        problems, checked, size = verify_shards(shards_dir)
+    except ManifestError as err:
+        print(f"verify error: {err}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"verify error: {problem}", file=sys.stderr)
+    status = f"{len(problems)} of {checked} shards do not match" if problems else f"all {checked} shards match"
+    print(f"verified {shards_dir}: {status} {MANIFEST} ({size / 1e6:.0f} MB in {time.perf_counter() - start:.1f} s)")
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybridgan.pack", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="folder of images, a .zip of one, or synthetic:N")
-    parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. shards/NAME")
+    parser.add_argument("source", nargs="?", help="folder of images, a .zip of one, or synthetic:N")
+    parser.add_argument("--out", type=Path, help="output folder, e.g. shards/NAME")
     parser.add_argument("--workers", type=int, default=None, help="processes (default pack.workers)")
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images, count them")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip unreadable images and damaged zip members, list them in the manifest")
+    parser.add_argument("--verify", type=Path, metavar="DIR",
+                        help="check every shard of the pack in DIR against its manifest (size, sha256)")
     add_config_arguments(parser)
     args = parser.parse_intermixed_args(argv)
+    if args.verify is not None:
+        if args.source or args.out:
+            parser.error("--verify DIR takes no SOURCE or --out")
+        return _verify(args.verify)
+    if not args.source or not args.out:
+        parser.error("SOURCE and --out are required (or --verify DIR)")
     cfg = config_from_args(args)
     start = time.perf_counter()
     try:
@@ -318,10 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     except PackError as err:
         print(f"pack error: {err}", file=sys.stderr)
         return 2
-    counts = manifest["counts"]
-    print(f"packed {manifest['total']} images into {args.out} in {time.perf_counter() - start:.1f} s: "
-          f"train {counts['train']}, val {counts['val']}, test {counts['test']}, "
-          f"skipped {manifest['skipped']}")
+    print("\n".join(summary_lines(manifest, args.out, time.perf_counter() - start)))
     return 0
 
 

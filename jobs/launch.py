@@ -23,6 +23,17 @@ from pathlib import Path
 DEFAULT_PORT = 29500
 
 
+def task_cpus(gpus_per_node: int, loader_workers: int) -> int:
+    """CPUs one node's task needs: every process (one per GPU, one in CPU mode) runs its main loop
+    plus `loader_workers` DataLoader workers, each busy decoding JPEGs: G x (W + 1).
+
+    The rule of the sbatch templates (`hg_task_cpus` in slurm/common.sh) and of `jobs.submit`.
+    """
+    if gpus_per_node < 0 or loader_workers < 0:
+        raise ValueError(f"gpus_per_node={gpus_per_node} and loader_workers={loader_workers} must be >= 0")
+    return max(gpus_per_node, 1) * (loader_workers + 1)
+
+
 def accelerate_command(
     nnodes: int,
     node_rank: int | str,

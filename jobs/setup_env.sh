@@ -14,7 +14,11 @@ want="$(cat "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing hybridgan and its dependencies into $venv (first time: a few minutes)" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -e "$repo[test]" >&2
+  # The flat layout (hybridgan/ and jobs/ at the repository root next to tests/, configs/ ...) makes
+  # setuptools install the editable package through a meta path finder, and it says so with a
+  # 10-line "Editable installation." notice that pip (>= 24) shows as a BuildBackendWarning even
+  # with -q. It is information only; this filter drops that one warning by its message, nothing else.
+  PYTHONWARNINGS="ignore:Editable installation." "$venv/bin/python" -m pip install -q -e "$repo[test]" >&2
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

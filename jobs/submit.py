@@ -7,7 +7,11 @@ same chain run one stage after the other through submitit's LocalExecutor on thi
     python -m jobs.submit chain --config configs/smoke-cpu.yaml --cluster local
 
 The chain is pack -> pretrain -> train-hybrid, pack -> train-pathak, both trains -> evaluate (which
-also writes runs/<name>/report.md). Every job is a thin wrapper around the stage's own command
+also writes runs/<name>/report.md). Each job asks for the CPUs its processes use (`stage_cpus`):
+a training task runs one process per GPU, each with `data.workers` loader workers, so it asks for
+GPUs per node x (data.workers + 1); evaluate data.workers + 1; pack pack.workers. `--cpus-per-task`
+overrides this for every job, and `srun` gets the same number (since Slurm 22.05 it no longer
+inherits it from the job). Every job is a thin wrapper around the stage's own command
 (the same commands as `hybridgan.reproduce`, training stages started per node by `jobs.launch`),
 so a requeued job re-runs that command and the stage resumes its run folder.
 """
@@ -29,6 +33,7 @@ import submitit
 
 from hybridgan.config import Config, ConfigError, load_config, save_config
 from hybridgan.reproduce import stage_commands, write_report
+from jobs.launch import task_cpus
 
 STAGES = ("pack", "pretrain", "train", "train-hybrid", "train-pathak", "evaluate")
 TRAINING = ("pretrain", "train-hybrid", "train-pathak")
@@ -123,6 +128,19 @@ def check_partition(partition: str) -> None:
         raise SubmitError(f"--partition {partition}: no such Slurm partition (sinfo lists: {', '.join(known)})")
 
 
+def stage_cpus(stage: str, cfg: Config, gpus_per_node: int, override: int | None = None) -> int:
+    """CPUs per task of `stage`'s job: `override` when given, else what its processes use."""
+    if override is not None:
+        return override
+    if stage in TRAINING:
+        return task_cpus(gpus_per_node, cfg.data.workers)
+    if stage == "evaluate":
+        return task_cpus(min(gpus_per_node, 1), cfg.data.workers)
+    if stage == "pack":
+        return max(cfg.pack.workers, 1)
+    return 1
+
+
 def stage_table(cfg_path: Path, cfg: Config, gpus_per_node: int, cpus: int) -> dict[str, list[str]]:
     """Stage name -> command; training and evaluation start through jobs.launch (one per node)."""
     launcher = [sys.executable, "-m", "jobs.launch"]
@@ -141,15 +159,16 @@ def selected_stages(stage: str, cfg: Config) -> list[str]:
     return [stage]
 
 
-def executor_for(args: argparse.Namespace, folder: Path, stage: str) -> submitit.AutoExecutor:
+def executor_for(args: argparse.Namespace, cfg: Config, folder: Path, stage: str) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
     training = stage in TRAINING
     gpus = args.gpus_per_node if training or stage == "evaluate" else 0
+    cpus = stage_cpus(stage, cfg, args.gpus_per_node, args.cpus_per_task)
     params: dict[str, Any] = {
         "name": f"hybridgan-{stage}",
         "nodes": args.nodes if training else 1,
         "tasks_per_node": 1,
-        "cpus_per_task": args.cpus_per_task,
+        "cpus_per_task": cpus,
         "gpus_per_node": min(gpus, 1) if stage == "evaluate" else gpus,
         "timeout_min": args.timeout_min,
     }
@@ -162,6 +181,7 @@ def executor_for(args: argparse.Namespace, folder: Path, stage: str) -> submitit
             slurm_account=args.account,
             slurm_time=args.time,
             slurm_additional_parameters=additional,
+            slurm_srun_args=["--cpus-per-task", str(cpus)],
             slurm_setup=[f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"],
         )
         params = {k: v for k, v in params.items() if v is not None}
@@ -186,7 +206,8 @@ def submit(args: argparse.Namespace) -> dict[str, str]:
     run_dir = Path(cfg.run.root) / cfg.run.name
     cfg_path = run_dir / "submit.yaml"
     save_config(cfg, cfg_path)
-    table = stage_table(cfg_path, cfg, args.gpus_per_node, args.cpus_per_task)
+    table = stage_table(cfg_path, cfg, args.gpus_per_node,
+                        stage_cpus("pack", cfg, args.gpus_per_node, args.cpus_per_task))
     stages = selected_stages(args.stage, cfg)
     depends = chain_dependencies(stages)
     env = {"GPUS_PER_NODE": str(args.gpus_per_node), "ACCELERATE_CONFIG": args.accelerate_config or ""}
@@ -194,7 +215,7 @@ def submit(args: argparse.Namespace) -> dict[str, str]:
     jobs: dict[str, submitit.Job] = {}
     ids: dict[str, str] = {}
     for stage in stages:
-        executor = executor_for(args, run_dir / "submitit", stage)
+        executor = executor_for(args, cfg, run_dir / "submitit", stage)
         after = [ids[d] for d in depends[stage]]
         if args.cluster == "slurm" and after:
             executor.update_parameters(slurm_dependency="afterok:" + ":".join(after))
@@ -233,7 +254,7 @@ def _report_after(args: argparse.Namespace, run_dir: Path, cfg: Config, ids: dic
     if args.cluster == "local":
         print(f"[submit] report: {write_report(cfg, [(s, f'job {i}') for s, i in ids.items()])}")
         return None
-    executor = executor_for(args, run_dir / "submitit", "report")
+    executor = executor_for(args, cfg, run_dir / "submitit", "report")
     executor.update_parameters(slurm_dependency=f"afterok:{evaluate.job_id}", slurm_time="00:10:00")
     job = executor.submit(report_job, cfg, ids)
     print(f"[submit] report: job {job.job_id} (afterok:{evaluate.job_id}) writes {run_dir / 'report.md'}")
@@ -250,8 +271,12 @@ def report_job(cfg: Config, ids: dict[str, str]) -> str:
     return str(write_report(cfg, timings))
 
 
+_DESCRIPTION = " ".join(__doc__.split("\n\n")[0].split())
+"""The module docstring's first paragraph, whole (argparse's --help reflows it)."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.submit", description=_DESCRIPTION)
     p.add_argument("stage", choices=[*STAGES, "chain"], help="one stage, or the whole chain")
     p.add_argument("--config", default="configs/smoke-cpu.yaml", help="YAML config file")
     p.add_argument("--data", help="images to pack: a folder, a .zip or synthetic:N (default: data.source)")
@@ -260,7 +285,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--account", help="Slurm account")
     p.add_argument("--nodes", type=int, default=1, help="nodes per training job")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; 0 = CPU mode")
-    p.add_argument("--cpus-per-task", type=int, default=2, help="CPUs per task (one task per node)")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per task (one task per node) of every job; default: per stage, training "
+                        "GPUs per node x (data.workers + 1), evaluate data.workers + 1, pack pack.workers")
     p.add_argument("--accelerate-config", help="Accelerate config file for training (configs/accelerate/)")
     p.add_argument("--time", default="24:00:00", help="Slurm time limit per job")
     p.add_argument("--timeout-min", type=int, default=24 * 60, help="local executor time limit")
@@ -272,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_intermixed_args(argv)
-    if args.nodes < 1 or args.gpus_per_node < 0 or args.cpus_per_task < 1:
+    if args.nodes < 1 or args.gpus_per_node < 0 or (args.cpus_per_task is not None and args.cpus_per_task < 1):
         raise SystemExit("submit: --nodes and --cpus-per-task must be >= 1, --gpus-per-node >= 0")
     try:
         submit(args)

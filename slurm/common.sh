@@ -4,7 +4,9 @@
 #                         overrides (exit 2 with one line naming the bad one), set RUN_DIR, copy
 #                         this job's log into $RUN_DIR/slurm/
 # hg_train MODULE KEY     one `accelerate launch` per node through srun + jobs.launch; KEY.cpu=true
-#                         in CPU mode; the time-limit signal becomes "checkpoint, then requeue"
+#                         in CPU mode; the time-limit signal becomes "checkpoint, then requeue";
+#                         srun gets the job's --cpus-per-task (a warning when fewer than hg_task_cpus)
+# hg_task_cpus GPUS W     CPUs a node's task needs: max(GPUS, 1) x (W + 1)
 # hg_run CMD...           a single-process stage (pack, evaluate) with the same signal handling
 
 # The sbatch copy of the script runs from Slurm's spool, so paths start at the submit directory.
@@ -32,7 +34,8 @@ hg_init() {
   local extra
   read -ra extra <<<"$OVERRIDES"
   HG_OVERRIDES=("${extra[@]}" "$@")
-  # One line per bad key/value, from the same loader the stages use; sets RUN_DIR, CFG_SOURCE, CFG_SHARDS.
+  # One line per bad key/value, from the same loader the stages use; sets RUN_DIR, CFG_SOURCE,
+  # CFG_SHARDS, CFG_WORKERS.
   local resolved err
   err="$(mktemp)"
   resolved="$(python - "$CONFIG" "${HG_OVERRIDES[@]}" 2>"$err" <<'EOF'
@@ -45,6 +48,7 @@ except ConfigError as err:
 print(f"RUN_DIR={shlex.quote(f'{cfg.run.root}/{cfg.run.name}')}")
 print(f"CFG_SOURCE={shlex.quote(cfg.data.source)}")
 print(f"CFG_SHARDS={shlex.quote(cfg.data.shards)}")
+print(f"CFG_WORKERS={cfg.data.workers}")
 EOF
 )" || hg_die "$(tail -n 1 "$err")"
   rm -f "$err"
@@ -64,6 +68,13 @@ hg_log_to_run_dir() {
 
 hg_gpus_per_node() {
   echo "${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}"
+}
+
+hg_task_cpus() {
+  # Every process (one per GPU, one in CPU mode) runs its loop plus W DataLoader workers, each busy
+  # decoding JPEGs. The same rule as jobs.launch.task_cpus (used by jobs.submit).
+  local gpus="$1" workers="$2"
+  echo $(( (gpus > 0 ? gpus : 1) * (workers + 1) ))
 }
 
 hg_default_accelerate_config() {
@@ -123,15 +134,24 @@ hg_run() {
 }
 
 hg_train() {
-  local module="$1" key="$2" gpus nodes main_ip
+  local module="$1" key="$2" gpus nodes main_ip needed cpus
   gpus="$(hg_gpus_per_node)"
   nodes="${SLURM_NNODES:-1}"
+  needed="$(hg_task_cpus "$gpus" "$CFG_WORKERS")"
+  cpus="${SLURM_CPUS_PER_TASK:-1}"
+  echo "[slurm] $cpus CPUs per task; $(( gpus > 0 ? gpus : 1 )) processes x" \
+    "(data.workers=$CFG_WORKERS + 1) need $needed"
+  if [ "$cpus" -lt "$needed" ]; then
+    echo "[slurm] warning: fewer CPUs than loader processes, training will wait on data:" \
+      "submit with --cpus-per-task=$needed or lower data.workers" >&2
+  fi
   ACCELERATE_CONFIG="${ACCELERATE_CONFIG-$(hg_default_accelerate_config "$gpus" "$nodes")}"
   local args=(--config "$CONFIG" "${HG_OVERRIDES[@]}")
   [ "$gpus" -eq 0 ] && args+=("$key.cpu=true")
   main_ip="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
   export GPUS_PER_NODE="$gpus" ACCELERATE_CONFIG
   # jobs.launch renders the accelerate line from each node's SLURM_NODEID and prints it.
-  hg_run srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+  # --cpus-per-task explicitly: since Slurm 22.05 srun does not inherit the job's value.
+  hg_run srun --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 \
     python -m jobs.launch --main-ip "$main_ip" -m "$module" "${args[@]}"
 }

@@ -87,3 +87,30 @@ def test_cli_missing_accelerate_config_is_one_line(tmp_path) -> None:
     )
     assert proc.returncode != 0
     assert proc.stderr.strip() == f"launch: ACCELERATE_CONFIG={tmp_path / 'nope.yaml'}: file not found"
+
+
+def test_task_cpus_rule_is_the_same_in_python_and_the_templates() -> None:
+    from jobs.launch import task_cpus
+
+    assert task_cpus(8, 8) == 72 and task_cpus(0, 2) == 3 and task_cpus(1, 0) == 1
+    grid = [(g, w) for g in (0, 1, 4, 8) for w in (0, 1, 8)]
+    script = "source slurm/common.sh; " + "; ".join(f"hg_task_cpus {g} {w}" for g, w in grid)
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "HYBRIDGAN_ROOT": str(REPO)}).stdout.split()
+    assert [int(n) for n in out] == [task_cpus(g, w) for g, w in grid]
+    with pytest.raises(ValueError, match="loader_workers=-1"):
+        task_cpus(8, -1)
+
+
+def test_templates_ask_for_the_cpus_of_the_paper_config_and_pass_them_to_srun() -> None:
+    from hybridgan.config import load_config
+    from jobs.launch import task_cpus
+
+    paper = load_config(REPO / "configs/paper.yaml")
+    for name in ("train", "pretrain"):
+        text = (REPO / "slurm" / f"{name}.sbatch").read_text()
+        assert f"#SBATCH --cpus-per-task={task_cpus(8, paper.data.workers)}\n" in text
+        assert "#SBATCH --gpus-per-node=8\n" in text
+    evaluate = (REPO / "slurm" / "evaluate.sbatch").read_text()
+    assert f"#SBATCH --cpus-per-task={task_cpus(1, paper.data.workers)}\n" in evaluate
+    assert 'srun --ntasks-per-node=1 --cpus-per-task="$cpus"' in (REPO / "slurm" / "common.sh").read_text()

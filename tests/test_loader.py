@@ -150,6 +150,7 @@ def test_bench_loader_reports_figures(shards, tmp_path, capsys):
 
 
 def test_a_corrupt_jpeg_in_a_shard_names_shard_and_key(shards, tmp_path):
+    import hashlib
     import shutil
     import tarfile
 
@@ -162,6 +163,12 @@ def test_a_corrupt_jpeg_in_a_shard_names_shard_and_key(shards, tmp_path):
         first_key = sorted(m.name for m in tar.getmembers())[0].split(".")[0]
     with wds.TarWriter(str(shard)) as writer:
         writer.write({"__key__": first_key, "jpg": b"\xff\xd8 not a jpeg", "json": b"{}"})
+    # A shard that no longer matches its manifest is refused before reading (test_manifest.py):
+    # record the new one, so that the loader itself meets the bad JPEG.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["name"] == shard.name)
+    entry.update(size=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LoaderError) as err:
         _epoch(_cfg(copy, "data.workers=0"), "val")
     assert str(err.value).startswith(f"{shard}: sample {first_key}: not a readable JPEG")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -22,6 +21,7 @@ from hybridgan.config import PackConfig
 from hybridgan.data.manifest import ManifestError, read_manifest, shard_urls, split_count
 from hybridgan.data.synthetic import synthetic_face
 from hybridgan.pack import PackError, Source, main, make_plan, pack, sample_key, split_sizes
+from test_photo import rotated_jpeg, upright_red_over_blue
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = PackConfig(shard_size=4, val_fraction=0.2, test_fraction=0.1, workers=1)
@@ -72,11 +72,13 @@ def test_folder_pack_writes_readable_shards_and_manifest(folder_pack, image_fold
     out, manifest = folder_pack
     assert manifest == read_manifest(out) and manifest["version"] == "0.1.0"
     assert manifest["counts"] == {"train": 7, "val": 2, "test": 1} and manifest["skipped"] == 0
+    assert manifest["not_images"] == ["notes.txt"] and manifest["skipped_files"] == []
     assert manifest["image_size"] == 256 and manifest["source"] == str(image_folder.resolve())
     names = sorted(p.name for p in out.glob("*.tar"))
     assert names == ["test-000000.tar", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
     for shard in manifest["shards"]:
         assert shard["sha256"] == _sha(out / shard["name"])
+        assert shard["size"] == (out / shard["name"]).stat().st_size
     assert [s["count"] for s in manifest["shards"] if s["split"] == "train"] == [4, 3]
     listing = subprocess.run(["tar", "-tf", str(out / "train-000000.tar")], capture_output=True,
                              text=True, check=True).stdout.split()
@@ -211,7 +213,7 @@ def test_empty_folder_and_bad_sources_are_clear_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.txt").write_text("x")
-    with pytest.raises(PackError, match=f"{empty}: no .jpg/.jpeg/.png images"):
+    with pytest.raises(PackError, match=f"{empty}: no image files found"):
         pack(str(empty), tmp_path / "out", CFG)
     assert not (tmp_path / "out").exists()
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--config",
@@ -244,3 +246,89 @@ def test_manifest_errors_name_the_folder(tmp_path):
         read_manifest(tmp_path / "nope")
     with pytest.raises(ManifestError, match="no finished pack"):
         read_manifest(tmp_path)
+
+
+def _mixed_folder(root: Path) -> dict[str, tuple[int, int, int]]:
+    """One file of each kind Pillow reads, each a flat colour: relative path -> expected RGB."""
+    root.mkdir(parents=True)
+    colours = {}
+    for i, (name, fmt, mode, params) in enumerate([
+        ("anim.gif", "GIF", "P", {}), ("web.webp", "WEBP", "RGB", {"lossless": True}),
+        ("scan.tif", "TIFF", "RGB", {}), ("old.bmp", "BMP", "RGB", {}),
+        ("print.jpg", "JPEG", "CMYK", {"quality": 100}),
+    ]):
+        colour = (40 + 40 * i, 200 - 30 * i, 90)
+        Image.new("RGB", (300, 260), colour).convert(mode).save(root / name, format=fmt, **params)
+        colours[name] = colour
+    Image.fromarray(np.full((64, 64), 32896, dtype=np.uint16)).save(root / "deep.png")  # 16-bit grey 128
+    colours["deep.png"] = (128, 128, 128)
+    (root / "phone.jpg").write_bytes(rotated_jpeg(upright_red_over_blue(256, 256)))
+    return colours
+
+
+def test_every_format_is_packed_with_its_pixels(tmp_path, capsys):
+    src = tmp_path / "mixed"
+    colours = _mixed_folder(src)
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "out"
+    args = [str(src), "--out", str(out), "--config", str(REPO / "configs/smoke-cpu.yaml"), "--workers", "1",
+            "pack.val_fraction=0.2", "pack.test_fraction=0.2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{src / 'broken.png'}: not a readable image" in err[0] and "--skip-bad" in err[0]
+    assert main([*args, "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 1, not images 1" in printed
+    assert "skipped 1 unreadable: broken.png" in printed and "not images: notes.txt" in printed
+    manifest = read_manifest(out)
+    assert manifest["total"] == 7 and manifest["not_images"] == ["notes.txt"]
+    assert [s["file"] for s in manifest["skipped_files"]] == ["broken.png"]
+    assert "broken.png: not a readable image" in manifest["skipped_files"][0]["reason"]
+    assert not list(out.glob(".*"))  # no temp or skip-list files left behind
+    samples = _read_samples(out)
+    for name, colour in colours.items():
+        pixels = samples[sample_key(name)]["jpg"]
+        assert pixels.size == (256, 256)
+        mean = np.asarray(pixels, dtype=np.float64).reshape(-1, 3).mean(0)
+        assert all(abs(m - c) <= 4 for m, c in zip(mean, colour)), (name, mean, colour)
+    phone = samples["phone_jpg"]["jpg"]  # 256x256 but rotated: re-encoded upright, not stored as is
+    assert phone.getpixel((128, 30))[0] > 180 and phone.getpixel((128, 225))[2] > 180
+    assert samples["phone_jpg"]["__key__"] == "phone_jpg"
+
+
+def _damage_member(archive: Path, member: str) -> None:
+    """Flip bytes in the middle of one member's compressed data."""
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for offset in range(start + info.compress_size // 3, start + info.compress_size // 3 + 16):
+        data[offset] ^= 0x5A
+    archive.write_bytes(bytes(data))
+
+
+def test_damaged_zip_member_is_one_line_and_skipped_with_skip_bad(image_folder, tmp_path, capsys):
+    archive = tmp_path / "faces.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for rel, _, _ in FILES:
+            zf.write(image_folder / rel, rel)
+    _damage_member(archive, "c/d/e/eight.jpg")
+    args = [str(archive), "--out", str(tmp_path / "out"), "--workers", "1", "--config",
+            str(REPO / "configs/smoke-cpu.yaml"), "pack.val_fraction=0.2", "pack.test_fraction=0.1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{archive.resolve()}:c/d/e/eight.jpg: damaged zip member" in err[0]
+    assert main([*args, "--skip-bad"]) == 0
+    assert "skipped 1 unreadable: c/d/e/eight.jpg" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["total"] == 9 and manifest["skipped_files"][0]["file"] == "c/d/e/eight.jpg"
+
+
+def test_empty_val_or_test_split_is_refused_at_pack_time(tmp_path):
+    with pytest.raises(PackError, match=r"5 images in synthetic:5 give an empty val split "
+                                        r"\(train 4, val 0, test 1\): add images or raise pack.val_fraction"):
+        pack("synthetic:5", tmp_path / "out", PackConfig(shard_size=4, val_fraction=0.05, test_fraction=0.2))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PackError, match="empty val and test split.*pack.val_fraction and pack.test_fraction"):
+        pack("synthetic:5", tmp_path / "out", PackConfig(val_fraction=0.0, test_fraction=0.0))

@@ -111,10 +111,15 @@ def test_sbatch_train_cpu_mode(slurm_env, shards, tmp_path) -> None:
     job = sbatch(slurm_env, log, "train.sbatch", f"run.root={tmp_path}/runs", "run.name=tiny",
                  f"data.shards={shards}", "discriminator.kind=pathak", "train.max_steps=8",
                  "train.checkpoint_every=4", "train.log_every=2", *TINY,
-                 options=("--gpus-per-node=0",))
+                 options=("--gpus-per-node=0", "--cpus-per-task=2"))
     info = wait_done(job, slurm_env, 240)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text
+    # The CPUs asked for reach the job and its srun step (which no longer inherits them).
+    shown = run(["scontrol", "show", "job", job], slurm_env).stdout
+    assert "NumCPUs=2 " in shown and "CPUs/Task=2 " in shown, shown
+    assert "[slurm] 2 CPUs per task; 1 processes x (data.workers=0 + 1) need 1" in text
+    assert "[slurm] running: srun --ntasks-per-node=1 --cpus-per-task=2 " in text
     stage = tmp_path / "runs" / "tiny" / "train-pathak"
     assert (stage / "generator.safetensors").stat().st_size > 0
     assert train_steps(stage)[-1] == 8
@@ -138,7 +143,7 @@ def test_requeue_resumes_from_checkpoint(slurm_env, shards, tmp_path) -> None:
     job = sbatch(slurm_env, log, "train.sbatch", f"run.root={tmp_path}/runs", "run.name=rq",
                  f"data.shards={shards}", "discriminator.from_scratch=true", "train.epochs=4",
                  f"train.max_steps={total}", f"train.checkpoint_every={every}", "train.log_every=1", *TINY,
-                 options=("--gpus-per-node=0",))
+                 options=("--gpus-per-node=0", "--cpus-per-task=1"))
     stage = tmp_path / "runs" / "rq" / "train-hybrid"
 
     # What `--signal=B:USR1@120` does before the time limit: the batch shell alone gets USR1.
@@ -169,7 +174,7 @@ def test_requeue_resumes_from_checkpoint(slurm_env, shards, tmp_path) -> None:
 def test_submit_chain_with_dependencies(slurm_env, tmp_path) -> None:
     """jobs.submit chain: afterok dependencies read back from scontrol, then a report."""
     out = run([sys.executable, "-m", "jobs.submit", "chain", "--config", "configs/smoke-cpu.yaml",
-               "--partition", "cpu", "--cpus-per-task", "1", f"run.root={tmp_path}/runs", "run.name=chain",
+               "--partition", "cpu", f"run.root={tmp_path}/runs", "run.name=chain",
                "data.source=synthetic:120", f"data.shards={tmp_path}/shards", "pack.shard_size=20",
                "pretrain.max_steps=4", "train.max_steps=4", "pretrain.checkpoint_every=2",
                "train.checkpoint_every=2", *TINY], slurm_env, timeout=120).stdout
@@ -179,6 +184,10 @@ def test_submit_chain_with_dependencies(slurm_env, tmp_path) -> None:
         "pretrain": [ids["pack"]], "train-hybrid": [ids["pretrain"]], "train-pathak": [ids["pack"]],
         "evaluate": [ids["train-hybrid"], ids["train-pathak"]], "report": [ids["evaluate"]],
     }
+    # CPUs per job derived from the config: pack.workers=2, data.workers=0 -> 1 process x (0 + 1).
+    for stage, job in ids.items():
+        shown = run(["scontrol", "show", "job", job], slurm_env).stdout
+        assert f"CPUs/Task={2 if stage == 'pack' else 1} " in shown, (stage, shown)
     for stage, parents in want.items():
         dependency = job_info(ids[stage], slurm_env)["Dependency"]
         assert re.findall(r"afterok:(\d+)", dependency) == parents, (stage, dependency)
@@ -206,7 +215,7 @@ def test_bad_template_variables_fail_in_one_line(slurm_env, tmp_path) -> None:
     jobs = {}
     for name, (extra, args, _) in cases.items():
         jobs[name] = sbatch({**slurm_env, **extra}, tmp_path / f"{name}.out", "train.sbatch",
-                            f"run.root={tmp_path}/runs", *args, options=("--gpus-per-node=0",))
+                            f"run.root={tmp_path}/runs", *args, options=("--gpus-per-node=0", "--cpus-per-task=1"))
     for name, (_, _, message) in cases.items():
         info = wait_done(jobs[name], slurm_env, 120)
         assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), name

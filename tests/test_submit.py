@@ -72,3 +72,32 @@ def test_evaluate_runs_on_one_gpu_whatever_training_uses():
     assert stage_env("evaluate", env) == {"GPUS_PER_NODE": "1", "ACCELERATE_CONFIG": ""}
     assert stage_env("train-hybrid", env) == env
     assert stage_env("evaluate", {"GPUS_PER_NODE": "0", "ACCELERATE_CONFIG": ""})["GPUS_PER_NODE"] == "0"
+
+
+def test_jobs_ask_for_the_cpus_of_their_loader_workers(tmp_path) -> None:
+    from jobs.submit import _parser, executor_for, stage_cpus
+
+    cfg = load_config(REPO / "configs/paper.yaml", [f"run.root={tmp_path}"])  # data.workers 8, pack.workers 8
+    assert stage_cpus("train-hybrid", cfg, 8) == 72 and stage_cpus("pretrain", cfg, 4) == 36
+    assert stage_cpus("train-pathak", cfg, 0) == 9 and stage_cpus("evaluate", cfg, 8) == 9
+    assert stage_cpus("pack", cfg, 8) == 8 and stage_cpus("report", cfg, 8) == 1
+    assert stage_cpus("train-hybrid", cfg, 8, override=16) == 16
+
+    def rendered(*argv: str, stage: str = "train-hybrid") -> str:
+        args = _parser().parse_args(["chain", *argv])
+        executor = executor_for(args, cfg, tmp_path / "submitit", stage)
+        return executor._executor._make_submission_file_text("python -m x", "uid")
+
+    text = rendered("--gpus-per-node", "8", "--nodes", "4")
+    assert "#SBATCH --cpus-per-task=72\n" in text and "#SBATCH --nodes=4\n" in text
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task 72" in srun  # Slurm >= 22.05: srun does not inherit it
+    assert "#SBATCH --cpus-per-task=8\n" in rendered("--gpus-per-node", "8", stage="pack")
+    assert "#SBATCH --cpus-per-task=5\n" in rendered("--gpus-per-node", "8", "--cpus-per-task", "5")
+
+
+def test_help_describes_the_command_in_whole_sentences() -> None:
+    from jobs.submit import _parser
+
+    description = _parser().description
+    assert description.startswith("Submit one stage or the whole chain") and description.endswith("on this machine.")
