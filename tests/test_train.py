@@ -18,7 +18,9 @@ from hybridgan.exports import ExportError
 from hybridgan.metrics import HoleMetrics, mean_fill
 from hybridgan.pretrain import EXPORT_NAME as DISC_EXPORT, pretrain
 from hybridgan.session import TrainingError, TrainingSession
-from hybridgan.models import build_discriminator, build_generator
+from hybridgan.config import ConfigError
+from hybridgan.models import build_discriminator, build_generator, model_summary
+from hybridgan.models.layers import WholeInputConv2d, WholeOutputConvTranspose2d
 from hybridgan.train import EXPORT_NAME, GanTraining, judging_only, train
 from stage_runs import (accelerate_2_ranks, assert_same_weights, kill_after_checkpoint, latest_step,
                         launches, read_records, run_stage, stage_env)
@@ -239,6 +241,38 @@ def test_both_phases_trace_into_one_graph_per_forward(tiny_shards, tmp_path, kin
         reports["D judging only (G phase)"] = torch._dynamo.explain(disc)(fake)
     for name, report in reports.items():
         assert report.graph_count == 1 and report.graph_break_count == 0, f"{name}: {report.break_reasons}"
+
+
+def test_pathak_d_judges_the_hole_by_default_and_the_frame_as_the_named_departure(tiny_shards, tmp_path):
+    hole_cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak")
+    frame_cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "discriminator.pathak_input=frame")
+    torch.manual_seed(0)
+    hole_d, frame_d = build_discriminator(hole_cfg).eval(), build_discriminator(frame_cfg).eval()
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    outside = image.clone()
+    outside[:, :, :4] = -1  # rows above the 16x16 centre hole (8..24)
+    inside = image.clone()
+    inside[:, :, 12:20, 12:20] = -1
+    with torch.no_grad():
+        assert torch.equal(hole_d(outside).global_prob, hole_d(image).global_prob)
+        assert not torch.equal(hole_d(inside).global_prob, hole_d(image).global_prob)
+        assert not torch.equal(frame_d(outside).global_prob, frame_d(image).global_prob)
+    flops = {name: model_summary(d, image)["flops_per_image"] for name, d in (("hole", hole_d), ("frame", frame_d))}
+    assert flops["frame"] > 3.5 * flops["hole"]
+    with pytest.raises(ConfigError, match=r"overrides: discriminator.pathak_input='hole' judges the centre hole, "
+                                          r"which mask.kind='strokes' does not have; set "
+                                          r"discriminator.pathak_input=frame or mask.kind=center$"):
+        tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "mask.kind=strokes")
+
+
+def test_the_bottleneck_as_a_matrix_product_equals_the_convolutions():
+    torch.manual_seed(0)
+    down, up = WholeInputConv2d(8, 6, 4), WholeOutputConvTranspose2d(6, 5, 4)
+    x, z = torch.randn(3, 8, 4, 4), torch.randn(3, 6, 1, 1)
+    torch.testing.assert_close(down(x), torch.nn.functional.conv2d(x, down.weight))
+    torch.testing.assert_close(up(z), torch.nn.functional.conv_transpose2d(z, up.weight))
+    assert list(down.state_dict()) == ["weight"] and down.weight.shape == (6, 8, 4, 4)
+    assert up.weight.shape == (6, 5, 4, 4)
 
 
 def test_sigkill_then_rerun_finishes_with_the_uninterrupted_generator(tiny_shards, tmp_path):
