@@ -12,13 +12,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, SMOKE, tiny_args, tiny_config
-from hybridgan.data.loader import make_loader
+from hybridgan.config import ConfigError
+from hybridgan.data.loader import make_loader, stable_seed
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError
 from hybridgan.metrics import HoleMetrics, mean_fill
-from hybridgan.pretrain import EXPORT_NAME as DISC_EXPORT, pretrain
+from hybridgan.pretrain import EXPORT_NAME as DISC_EXPORT, BlurPretraining, pretrain
 from hybridgan.session import TrainingError, TrainingSession
-from hybridgan.config import ConfigError
 from hybridgan.models import build_discriminator, build_generator, model_summary
 from hybridgan.models.layers import WholeInputConv2d, WholeOutputConvTranspose2d
 from hybridgan.train import EXPORT_NAME, GanTraining, judging_only, train
@@ -173,11 +173,13 @@ class SyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_no_host_device_sync_on_the_steps_of_the_real_loop_that_do_not_log(tiny_shards, tmp_path, monkeypatch):
-    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=2", "train.max_steps=10", "train.log_every=5",
-                      "train.checkpoint_every=100", "discriminator.from_scratch=true", "mask.kind=random_box",
+@pytest.mark.parametrize("stage", ["train", "pretrain"])
+def test_no_host_device_sync_on_the_steps_of_the_real_loop_that_do_not_log(tiny_shards, tmp_path, monkeypatch, stage):
+    cfg = tiny_config(tiny_shards, tmp_path, f"{stage}.epochs=2", f"{stage}.max_steps=10", f"{stage}.log_every=5",
+                      f"{stage}.checkpoint_every=100", "discriminator.from_scratch=true", "mask.kind=random_box",
                       "mask.min_box=8", "mask.max_box=16")
-    optimizers = []
+    job_class, run_stage_of = (GanTraining, train) if stage == "train" else (BlurPretraining, pretrain)
+    optimizers: list[torch.optim.Optimizer] = []
 
     def is_adam_step_counter(tensor: torch.Tensor) -> bool:
         """Adam (neither fused nor capturable) keeps its step counts on the host: reading them is no sync."""
@@ -204,9 +206,9 @@ def test_no_host_device_sync_on_the_steps_of_the_real_loop_that_do_not_log(tiny_
         honest = getattr(cls, method)
 
         def run(self, *args):
-            if isinstance(self, GanTraining) and not optimizers:
-                optimizers.extend([self.opt_g, self.opt_d])
-            session = self.session if isinstance(self, GanTraining) else self
+            if isinstance(self, job_class) and not optimizers:
+                optimizers.extend(v for v in vars(self).values() if isinstance(v, torch.optim.Optimizer))
+            session = self.session if isinstance(self, job_class) else self
             step = session.state.step + 1  # end_step counts the step on entry
             active.append(True)
             try:
@@ -218,13 +220,25 @@ def test_no_host_device_sync_on_the_steps_of_the_real_loop_that_do_not_log(tiny_
                 recorder.events.clear()
         monkeypatch.setattr(cls, method, run)
 
-    watched(GanTraining, "step")
+    watched(job_class, "step")
     watched(TrainingSession, "end_step")
-    train(cfg)
-    assert sorted(per_step) == list(range(1, 11))
+    run_stage_of(cfg)
+    assert optimizers and sorted(per_step) == list(range(1, 11))
     log_steps = {5, 8, 10}  # log_every, the end of epoch 1 (8 batches of 8), the last step
     assert {step: events for step, events in per_step.items() if step not in log_steps and events} == {}
     assert all(per_step[step] for step in log_steps), "the counter saw no read-back at a log step"
+
+
+def test_random_masks_are_drawn_on_the_device_generator_seeded_by_seed_step_and_rank(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "discriminator.pathak_input=frame",
+                      "mask.kind=strokes")
+    job = GanTraining(cfg, TrainingSession(cfg, "train-pathak", cfg.train))
+    first = job.masks(8)
+    assert torch.equal(job.masks(8), first)
+    expected = make_masks(cfg.mask, 32, 8, torch.Generator().manual_seed(stable_seed(0, "mask", 0, 0)))
+    assert torch.equal(first, expected) and first.device == job.session.device
+    job.session.state.step = 1
+    assert not torch.equal(job.masks(8), first)
 
 
 @pytest.mark.parametrize("kind,pathak_input", [("hybrid", "hole"), ("pathak", "hole"), ("pathak", "frame")])
