@@ -91,6 +91,7 @@ class DiscriminatorConfig:
     pretrained: str = ""
     from_scratch: bool = False
     pathak_channels: int = 64
+    pathak_input: str = "hole"
 
 
 @dataclass
@@ -155,6 +156,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mask.kind": ("center", "random_box", "strokes"),
     "discriminator.kind": ("hybrid", "pathak"),
+    "discriminator.pathak_input": ("hole", "frame"),
     "pretrain.mixed_precision": ("no", "fp16", "bf16"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
@@ -213,6 +215,10 @@ def _check_ranges(cfg: Config) -> None:
          "must be a power of two >= 32 (the generator halves it down to 4x4, ResNet50 by 32)"),
         ("mask.hole_size", _power_of_two(cfg.mask.hole_size) and cfg.mask.hole_size >= 8,
          "must be a power of two >= 8 (the generator's up-convolutions double from 4x4)"),
+        ("discriminator.pathak_input", cfg.discriminator.kind != "pathak" or cfg.mask.kind == "center"
+         or cfg.discriminator.pathak_input == "frame",
+         f"judges the centre hole, which mask.kind={cfg.mask.kind!r} does not have; "
+         f"set discriminator.pathak_input=frame or mask.kind=center"),
         ("blur.max_side", cfg.blur.min_side <= cfg.blur.max_side, "must be >= blur.min_side"),
         ("blur.max_side", cfg.blur.top_left + cfg.blur.max_side <= cfg.pack.source_size,
          f"plus blur.top_left must fit in pack.source_size={cfg.pack.source_size}"),

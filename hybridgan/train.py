@@ -3,8 +3,9 @@
     python -m hybridgan.train --config configs/paper.yaml [key=value ...]
     accelerate launch -m hybridgan.train --config configs/paper.yaml discriminator.kind=pathak
 
-Each step masks the batch, lets G fill the hole (composited into the context), then takes a D step
-on L_disc_joint (eq. 4-6) and a G step on L_gen_joint (eq. 1-3). `discriminator.kind=hybrid` starts
+Each step masks the batch, lets G fill the hole once (composited into the context), then takes a D
+step on L_disc_joint (eq. 4-6), real and fake judged in separate forwards, and a G step on
+L_gen_joint (eq. 1-3); docs/training-step.md explains the phases. `discriminator.kind=hybrid` starts
 D from the pretraining export (`discriminator.pretrained`, by default the run folder's
 `pretrain/discriminator.safetensors`); `pathak` is the paper's baseline. The
 stage folder is `runs/<name>/train-<kind>/`; the result is `generator.safetensors` there.
@@ -12,9 +13,12 @@ stage folder is `runs/<name>/train-<kind>/`; the result is `generator.safetensor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.utils import make_grid
 
 from hybridgan.config import Config
@@ -23,7 +27,7 @@ from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError, load_export, save_export
 from hybridgan.losses import discriminator_joint_loss, generator_joint_loss
 from hybridgan.metrics import HoleMetrics, hole_metrics
-from hybridgan.models import DiscOutput, build_discriminator, build_generator
+from hybridgan.models import build_discriminator, build_generator
 from hybridgan.pretrain import EXPORT_NAME as DISCRIMINATOR_EXPORT
 from hybridgan.session import TrainingSession, build_adam, run_stage, run_stage_cli, speed_up
 
@@ -56,15 +60,34 @@ def load_pretrained_discriminator(cfg: Config, disc: torch.nn.Module) -> None:
         raise ExportError(f"{path}: does not fit this discriminator config ({first})") from None
 
 
-def split_output(out: DiscOutput, n: int) -> tuple[DiscOutput, DiscOutput]:
-    """The first `n` images' outputs and the rest's (real and fake judged in one forward)."""
-    pixel = out.pixel_prob
-    return (DiscOutput(out.global_prob[:n], None if pixel is None else pixel[:n]),
-            DiscOutput(out.global_prob[n:], None if pixel is None else pixel[n:]))
+@contextmanager
+def judging_only(disc: torch.nn.Module) -> Iterator[None]:
+    """D judges without learning: no gradient for its parameters, and its BatchNorm layers normalise
+    with the batch's own statistics (train mode, as in the D phase) without updating their running
+    statistics or `num_batches_tracked`. Restored on exit."""
+    norms = [m for m in disc.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    learning = [p for p in disc.parameters() if p.requires_grad]
+    for norm in norms:
+        norm.track_running_stats = False
+    for param in learning:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+        for param in learning:
+            param.requires_grad_(True)
 
 
 class GanTraining:
-    """G, D, their optimisers, and the two phases of a step."""
+    """G, D, their optimisers, and the two phases of a step.
+
+    A step: G fills the holes once (with gradients); the D phase learns real vs `fake.detach()`,
+    judging the real and the fake batch in two forwards of the same size (BatchNorm never sees a
+    mixed batch); the G phase lets the updated D judge the same fake batch the same way (train mode,
+    batch statistics) without changing D, and back-propagates into G's one forward.
+    """
 
     def __init__(self, cfg: Config, session: TrainingSession) -> None:
         self.cfg = cfg
@@ -77,48 +100,48 @@ class GanTraining:
         self.gen, self.opt_g = session.prepare("gen", gen, build_adam(gen, cfg.train))
         self.disc, self.opt_d = session.prepare("disc", disc, build_adam(disc, cfg.train))
         self._center_mask: torch.Tensor | None = None
+        self._mask_rng = torch.Generator(device=session.device)
         self._validated_at = -1
 
     def masks(self, batch_size: int) -> torch.Tensor:
-        """Holes for this step: the fixed centre square, or random ones seeded by (seed, step, rank)."""
+        """Holes for this step: the fixed centre square, or random ones made on the device by a
+        generator re-seeded with (seed, step, rank) (setting a seed is no kernel, no copy, no sync)."""
         cfg, session = self.cfg, self.session
         if cfg.mask.kind == "center":
             if self._center_mask is None or self._center_mask.shape[0] != batch_size:
                 self._center_mask = make_masks(cfg.mask, cfg.data.image_size, batch_size).to(session.device)
             return self._center_mask
-        rng = torch.Generator().manual_seed(stable_seed(cfg.run.seed, "mask", session.state.step, session.rank))
-        return make_masks(cfg.mask, cfg.data.image_size, batch_size, rng).to(session.device)
+        self._mask_rng.manual_seed(stable_seed(cfg.run.seed, "mask", session.state.step, session.rank))
+        return make_masks(cfg.mask, cfg.data.image_size, batch_size, self._mask_rng)
 
-    def discriminator_step(self, real: torch.Tensor, masked: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Eq. 4-6: D learns real vs composited fake; G is only run forward, without gradients."""
-        with torch.no_grad():
-            fake = self.gen(masked, mask)
-        d_real, d_fake = split_output(self.disc(torch.cat([real, fake])), real.shape[0])
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 4-6: D learns real vs the (detached) composited fake, each judged in its own forward."""
+        d_real = self.disc(real)
+        d_fake = self.disc(fake)
         losses = discriminator_joint_loss(d_real, d_fake, self.cfg.loss, mask)
         self.session.optimize(losses.joint, self.disc, self.opt_d)
         return {"disc_loss": losses.joint.detach(), "d_real": d_real.global_prob.detach().float().mean(),
                 "d_fake": d_fake.global_prob.detach().float().mean()}
 
-    def generator_step(self, real: torch.Tensor, masked: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Eq. 1-3: G learns to fill the hole; D judges through its unwrapped module with frozen weights,
-        so no gradient reaches D and DDP does not synchronise D in this phase."""
+    def generator_step(self, real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 1-3: G learns to fill the hole. D judges through its unwrapped module under
+        `judging_only`, so D neither learns nor updates its statistics, and DDP does not synchronise
+        D in this phase; the gradient reaches G through `fake`, G's forward of this step."""
         acc = self.session.accelerator
         disc = acc.unwrap_model(self.disc)
-        disc.requires_grad_(False)
-        fake = self.gen(masked, mask)
-        with acc.autocast():
+        with judging_only(disc), acc.autocast():
             d_fake = disc(fake)
         losses = generator_joint_loss(real, fake, d_fake, self.cfg.loss, mask)
         self.session.optimize(losses.joint, self.gen, self.opt_g)
-        disc.requires_grad_(True)
         return {"gen_loss": losses.joint.detach(), "gen_pixel_loss": losses.pixel.detach(),
                 "gen_adv_loss": losses.adv.detach()}
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One GAN step on `batch`; returns detached device tensors (read back at log steps only)."""
         real = batch["image"].to(self.session.device, non_blocking=True)
         mask = self.masks(real.shape[0])
-        masked = apply_mask(real, mask)
-        return {**self.discriminator_step(real, masked, mask), **self.generator_step(real, masked, mask)}
+        fake = self.gen(apply_mask(real, mask), mask)
+        return {**self.discriminator_step(real, fake.detach(), mask), **self.generator_step(real, fake, mask)}
 
     @torch.no_grad()
     def validate(self) -> None:

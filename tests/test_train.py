@@ -9,15 +9,19 @@ import subprocess
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, SMOKE, tiny_args, tiny_config
-from hybridgan.data.loader import make_loader
+from hybridgan.config import ConfigError
+from hybridgan.data.loader import make_loader, stable_seed
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError
 from hybridgan.metrics import HoleMetrics, mean_fill
-from hybridgan.pretrain import EXPORT_NAME as DISC_EXPORT, pretrain
+from hybridgan.pretrain import EXPORT_NAME as DISC_EXPORT, BlurPretraining, pretrain
 from hybridgan.session import TrainingError, TrainingSession
-from hybridgan.train import EXPORT_NAME, GanTraining, train
+from hybridgan.models import build_discriminator, build_generator, model_summary
+from hybridgan.models.layers import WholeInputConv2d, WholeOutputConvTranspose2d
+from hybridgan.train import EXPORT_NAME, GanTraining, judging_only, train
 from stage_runs import (accelerate_2_ranks, assert_same_weights, kill_after_checkpoint, latest_step,
                         launches, read_records, run_stage, stage_env)
 
@@ -85,26 +89,204 @@ def test_missing_pretraining_export_is_one_clear_error(tiny_shards, tmp_path):
         train(tiny_config(tiny_shards, tmp_path, "run.name=empty", "discriminator.pretrained=''"))
 
 
-def test_each_phase_changes_only_its_own_network(tiny_shards, tmp_path):
-    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.from_scratch=true")
-    job = GanTraining(cfg, TrainingSession(cfg, "train-hybrid", cfg.train))
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (BatchNorm running statistics, num_batches_tracked), copied."""
+    return {name: t.detach().clone() for name, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "pathak"])
+def test_the_real_step_runs_g_once_judges_pure_batches_and_each_phase_changes_only_its_network(
+        tiny_shards, tmp_path, monkeypatch, kind):
+    cfg = tiny_config(tiny_shards, tmp_path, f"discriminator.kind={kind}", "discriminator.from_scratch=true")
+    job = GanTraining(cfg, TrainingSession(cfg, f"train-{kind}", cfg.train))
+    gen, disc = (job.session.accelerator.unwrap_model(model) for model in (job.gen, job.disc))
+    fakes, judged, norm_batches, phases = [], [], [], []
+    gen.register_forward_hook(lambda module, args, out: fakes.append(out.detach().clone()))
+    disc.register_forward_pre_hook(lambda module, args: judged.append((module.training, args[0].detach().clone())))
+    for norm in (m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.register_forward_pre_hook(lambda module, args: norm_batches.append(args[0].shape[0]))
+
+    def watch(method: str) -> None:
+        honest = getattr(GanTraining, method)
+
+        def watched(self, *args):
+            before = state_of(gen), state_of(disc)
+            losses = honest(self, *args)
+            phases.append((method, before, (state_of(gen), state_of(disc))))
+            return losses
+        monkeypatch.setattr(GanTraining, method, watched)
+
+    watch("discriminator_step")
+    watch("generator_step")
     batch = next(iter(make_loader(cfg, "train", batch_size=8)))
-    real = batch["image"]
-    mask = job.masks(real.shape[0])
-    masked = apply_mask(real, mask)
+    mask = job.masks(8)
+    for step in range(2):  # the second step starts from running statistics the first one moved
+        job.step(batch)
+        assert len(fakes) == step + 1, "G's forward ran more than once in a step"
+        fake, known = fakes[-1], 1 - mask
+        inputs = judged[3 * step:3 * step + 3]
+        assert len(judged) == 3 * (step + 1) and all(training for training, _ in inputs)
+        real_in, fake_in, fake_in_g_phase = (x for _, x in inputs)
+        assert all(x.shape == fake.shape for x in (real_in, fake_in, fake_in_g_phase))
+        # the real batch: the same faces (equal to the fakes outside the hole), none of them a fake
+        assert torch.equal(real_in * known, fake * known)
+        assert not any(torch.equal(real_in[i], fake[i]) for i in range(8))
+        assert torch.equal(fake_in, fake) and torch.equal(fake_in_g_phase, fake)
+    assert set(norm_batches) == {8}, "a D BatchNorm saw a batch of another size (a mixed real+fake batch)"
+    assert [name for name, _, _ in phases] == ["discriminator_step", "generator_step"] * 2
+    for name, (gen_before, disc_before), (gen_after, disc_after) in phases:
+        own, other = ((disc_before, disc_after), (gen_before, gen_after)) if name == "discriminator_step" \
+            else ((gen_before, gen_after), (disc_before, disc_after))
+        assert same_state(*other), f"{name} changed the other network's parameters or buffers"
+        assert not same_state(*own), f"{name} did not change its own network"
+    assert all(p.requires_grad for p in disc.parameters())
+    assert all(m.track_running_stats for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
-    def snapshot(module):
-        return [p.detach().clone() for p in module.parameters()]
 
-    gen_before, disc_before = snapshot(job.gen), snapshot(job.disc)
-    job.discriminator_step(real, masked, mask)
-    assert all(torch.equal(a, b) for a, b in zip(gen_before, snapshot(job.gen)))
-    assert not all(torch.equal(a, b) for a, b in zip(disc_before, snapshot(job.disc)))
-    disc_after_d = snapshot(job.disc)
-    job.generator_step(real, masked, mask)
-    assert all(torch.equal(a, b) for a, b in zip(disc_after_d, snapshot(job.disc)))
-    assert not all(torch.equal(a, b) for a, b in zip(gen_before, snapshot(job.gen)))
-    assert all(p.requires_grad for p in job.disc.parameters())
+# Host-device synchronisations: reading a value (item, bool, float, int, tolist, numpy), copying to the
+# host (cpu), and ops whose output size depends on the data.
+SYNCING_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+SYNCING_OPS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.masked_select,
+               torch.ops.aten._unique2, torch.ops.aten.unique_consecutive, torch.ops.aten.is_nonzero}
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records the syncing ops the dispatcher sees (C++ callers included) while `active`."""
+
+    def __init__(self, is_host_counter) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.is_host_counter = is_host_counter
+
+    def record(self, what: str, tensor) -> None:
+        if isinstance(tensor, torch.Tensor) and self.is_host_counter(tensor):
+            return
+        self.events.append(what)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in SYNCING_OPS:
+            self.record(str(func), args[0] if args else None)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stage", ["train", "pretrain"])
+def test_no_host_device_sync_on_the_steps_of_the_real_loop_that_do_not_log(tiny_shards, tmp_path, monkeypatch, stage):
+    cfg = tiny_config(tiny_shards, tmp_path, f"{stage}.epochs=2", f"{stage}.max_steps=10", f"{stage}.log_every=5",
+                      f"{stage}.checkpoint_every=100", "discriminator.from_scratch=true", "mask.kind=random_box",
+                      "mask.min_box=8", "mask.max_box=16")
+    job_class, run_stage_of = (GanTraining, train) if stage == "train" else (BlurPretraining, pretrain)
+    optimizers: list[torch.optim.Optimizer] = []
+
+    def is_adam_step_counter(tensor: torch.Tensor) -> bool:
+        """Adam (neither fused nor capturable) keeps its step counts on the host: reading them is no sync."""
+        return any(tensor is state.get("step") for opt in optimizers
+                   for state in getattr(opt, "optimizer", opt).state.values())
+
+    recorder = SyncRecorder(is_adam_step_counter)
+    per_step: dict[int, list[str]] = {}
+    active = []
+
+    def counted(name: str):
+        honest = getattr(torch.Tensor, name)
+
+        def method(self, *args, **kwargs):
+            if active:
+                recorder.record(f"Tensor.{name}", self)
+            return honest(self, *args, **kwargs)
+        return method
+
+    for name in SYNCING_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+
+    def watched(cls, method: str):
+        honest = getattr(cls, method)
+
+        def run(self, *args):
+            if isinstance(self, job_class) and not optimizers:
+                optimizers.extend(v for v in vars(self).values() if isinstance(v, torch.optim.Optimizer))
+            session = self.session if isinstance(self, job_class) else self
+            step = session.state.step + 1  # end_step counts the step on entry
+            active.append(True)
+            try:
+                with recorder:
+                    return honest(self, *args)
+            finally:
+                active.pop()
+                per_step.setdefault(step, []).extend(recorder.events)
+                recorder.events.clear()
+        monkeypatch.setattr(cls, method, run)
+
+    watched(job_class, "step")
+    watched(TrainingSession, "end_step")
+    run_stage_of(cfg)
+    assert optimizers and sorted(per_step) == list(range(1, 11))
+    log_steps = {5, 8, 10}  # log_every, the end of epoch 1 (8 batches of 8), the last step
+    assert {step: events for step, events in per_step.items() if step not in log_steps and events} == {}
+    assert all(per_step[step] for step in log_steps), "the counter saw no read-back at a log step"
+
+
+def test_random_masks_are_drawn_on_the_device_generator_seeded_by_seed_step_and_rank(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "discriminator.pathak_input=frame",
+                      "mask.kind=strokes")
+    job = GanTraining(cfg, TrainingSession(cfg, "train-pathak", cfg.train))
+    first = job.masks(8)
+    assert torch.equal(job.masks(8), first)
+    expected = make_masks(cfg.mask, 32, 8, torch.Generator().manual_seed(stable_seed(0, "mask", 0, 0)))
+    assert torch.equal(first, expected) and first.device == job.session.device
+    job.session.state.step = 1
+    assert not torch.equal(job.masks(8), first)
+
+
+@pytest.mark.parametrize("kind,pathak_input", [("hybrid", "hole"), ("pathak", "hole"), ("pathak", "frame")])
+def test_both_phases_trace_into_one_graph_per_forward(tiny_shards, tmp_path, kind, pathak_input):
+    cfg = tiny_config(tiny_shards, tmp_path, f"discriminator.kind={kind}", f"discriminator.pathak_input={pathak_input}")
+    gen, disc = build_generator(cfg), build_discriminator(cfg)
+    real = torch.rand(4, 3, 32, 32) * 2 - 1
+    mask = make_masks(cfg.mask, 32, 4)
+    fake = gen(apply_mask(real, mask), mask).detach()
+    torch._dynamo.reset()
+    reports = {"G": torch._dynamo.explain(gen)(apply_mask(real, mask), mask),
+               "D (D phase, real and fake alike)": torch._dynamo.explain(disc)(real)}
+    with judging_only(disc):
+        reports["D judging only (G phase)"] = torch._dynamo.explain(disc)(fake)
+    for name, report in reports.items():
+        assert report.graph_count == 1 and report.graph_break_count == 0, f"{name}: {report.break_reasons}"
+
+
+def test_pathak_d_judges_the_hole_by_default_and_the_frame_as_the_named_departure(tiny_shards, tmp_path):
+    hole_cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak")
+    frame_cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "discriminator.pathak_input=frame")
+    torch.manual_seed(0)
+    hole_d, frame_d = build_discriminator(hole_cfg).eval(), build_discriminator(frame_cfg).eval()
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    outside = image.clone()
+    outside[:, :, :4] = -1  # rows above the 16x16 centre hole (8..24)
+    inside = image.clone()
+    inside[:, :, 12:20, 12:20] = -1
+    with torch.no_grad():
+        assert torch.equal(hole_d(outside).global_prob, hole_d(image).global_prob)
+        assert not torch.equal(hole_d(inside).global_prob, hole_d(image).global_prob)
+        assert not torch.equal(frame_d(outside).global_prob, frame_d(image).global_prob)
+    flops = {name: model_summary(d, image)["flops_per_image"] for name, d in (("hole", hole_d), ("frame", frame_d))}
+    assert flops["frame"] > 3.5 * flops["hole"]
+    with pytest.raises(ConfigError, match=r"overrides: discriminator.pathak_input='hole' judges the centre hole, "
+                                          r"which mask.kind='strokes' does not have; set "
+                                          r"discriminator.pathak_input=frame or mask.kind=center$"):
+        tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "mask.kind=strokes")
+
+
+def test_the_bottleneck_as_a_matrix_product_equals_the_convolutions():
+    torch.manual_seed(0)
+    down, up = WholeInputConv2d(8, 6, 4), WholeOutputConvTranspose2d(6, 5, 4)
+    x, z = torch.randn(3, 8, 4, 4), torch.randn(3, 6, 1, 1)
+    torch.testing.assert_close(down(x), torch.nn.functional.conv2d(x, down.weight))
+    torch.testing.assert_close(up(z), torch.nn.functional.conv_transpose2d(z, up.weight))
+    assert list(down.state_dict()) == ["weight"] and down.weight.shape == (6, 8, 4, 4)
+    assert up.weight.shape == (6, 5, 4, 4)
 
 
 def test_sigkill_then_rerun_finishes_with_the_uninterrupted_generator(tiny_shards, tmp_path):
@@ -153,8 +335,8 @@ def test_a_nan_loss_stops_naming_step_and_loss_and_keeps_the_last_good_checkpoin
     cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "train.checkpoint_every=3", "train.epochs=2")
     honest_step = GanTraining.generator_step
 
-    def poisoned_step(self, real, masked, mask):
-        losses = honest_step(self, real, masked, mask)
+    def poisoned_step(self, real, fake, mask):
+        losses = honest_step(self, real, fake, mask)
         if self.session.state.step == 4:  # the 5th step, counted from 0 before it ends
             losses["gen_pixel_loss"] = torch.tensor(float("nan"))
         return losses

@@ -3,7 +3,8 @@
 `mask.kind`: `center` is the paper's central `hole_size` square (same for every image);
 `random_box` a square of side in [min_box, max_box] at a uniform position; `strokes` free-form
 thick poly-lines (`strokes` of them, `stroke_width` pixels wide, four segments each). Randomness comes
-only from the optional `torch.Generator`, so a seeded generator gives the same masks every time.
+only from the optional `torch.Generator`, so a seeded generator gives the same masks every time; the
+masks are made on the generator's device (a CUDA generator makes them on the GPU, no host work).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ def apply_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return image * (1 - mask)
 
 
+def _device(generator: torch.Generator | None) -> torch.device | None:
+    return None if generator is None else generator.device
+
+
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(shape, generator=generator)
+    return torch.rand(shape, generator=generator, device=_device(generator))
 
 
 def _center(cfg: MaskConfig, size: int, batch: int) -> torch.Tensor:
@@ -40,10 +45,10 @@ def _center(cfg: MaskConfig, size: int, batch: int) -> torch.Tensor:
 
 
 def _random_box(cfg: MaskConfig, size: int, batch: int, generator: torch.Generator | None) -> torch.Tensor:
-    sides = torch.randint(cfg.min_box, cfg.max_box + 1, (batch,), generator=generator)
+    sides = torch.randint(cfg.min_box, cfg.max_box + 1, (batch,), generator=generator, device=_device(generator))
     tops = (_uniform((batch,), generator) * (size - sides + 1)).long()
     lefts = (_uniform((batch,), generator) * (size - sides + 1)).long()
-    coords = torch.arange(size)
+    coords = torch.arange(size, device=_device(generator))
     rows = (coords[None, :] >= tops[:, None]) & (coords[None, :] < (tops + sides)[:, None])
     cols = (coords[None, :] >= lefts[:, None]) & (coords[None, :] < (lefts + sides)[:, None])
     return (rows[:, :, None] & cols[:, None, :]).float().unsqueeze(1)
@@ -60,7 +65,8 @@ def _strokes(cfg: MaskConfig, size: int, batch: int, generator: torch.Generator 
     points = (start + torch.cumsum(torch.cat([torch.zeros_like(start), steps], dim=2), dim=2)).clamp(0, size)
     a = points[:, :, :-1].reshape(batch, -1, 1, 2)
     b = points[:, :, 1:].reshape(batch, -1, 1, 2)
-    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    coords = torch.arange(size, device=_device(generator)) + 0.5
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
     pixels = torch.stack([xs, ys], dim=-1).reshape(1, 1, -1, 2)
     ab, ap = b - a, pixels - a
     t = ((ap * ab).sum(-1, keepdim=True) / (ab * ab).sum(-1, keepdim=True).clamp_min(1e-6)).clamp(0, 1)

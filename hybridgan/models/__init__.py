@@ -26,11 +26,13 @@ def build_discriminator(cfg: Config, kind: str | None = None) -> nn.Module:
     """D of `kind` ("hybrid" or "pathak"; default `cfg.discriminator.kind`), randomly initialised.
 
     The hybrid D loads `cfg.discriminator.resnet_weights` into its encoder when set; loading a
-    pretrained export (`cfg.discriminator.pretrained`) is the training loop's job.
+    pretrained export (`cfg.discriminator.pretrained`) is the training loop's job. Pathak's D judges
+    the centre hole or the whole frame, as `cfg.discriminator.pathak_input` says.
     """
     kind = kind or cfg.discriminator.kind
     if kind == "hybrid":
         return HybridDiscriminator(cfg.discriminator, cfg.data.image_size)
     if kind == "pathak":
-        return PathakDiscriminator(cfg.discriminator, cfg.data.image_size)
+        hole = cfg.mask.hole_size if cfg.discriminator.pathak_input == "hole" else None
+        return PathakDiscriminator(cfg.discriminator, cfg.data.image_size, hole)
     raise ValueError(f"discriminator kind {kind!r} is not one of hybrid, pathak")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hybridgan.config import GeneratorConfig
+from hybridgan.models.layers import WholeInputConv2d, WholeOutputConvTranspose2d
 
 
 def _steps_from_4(size: int, name: str) -> int:
@@ -61,12 +62,12 @@ class ContextEncoder(nn.Module):
         for i in range(1, down):  # the first layer has no BatchNorm (DCGAN, Pathak)
             layers += [nn.Conv2d(_width(base, i - 2), _width(base, i - 1), 4, 2, 1, bias=False),
                        nn.BatchNorm2d(_width(base, i - 1)), nn.LeakyReLU(0.2, inplace=True)]
-        layers += [nn.Conv2d(_width(base, down - 2), cfg.bottleneck, 4, 1, 0, bias=False),
+        layers += [WholeInputConv2d(_width(base, down - 2), cfg.bottleneck, 4),
                    nn.BatchNorm2d(cfg.bottleneck), nn.LeakyReLU(0.2, inplace=True)]
         self.encoder = nn.Sequential(*layers)
 
         top = _width(base, up - 1)
-        layers = [nn.ConvTranspose2d(cfg.bottleneck, top, 4, 1, 0, bias=False), nn.BatchNorm2d(top), nn.ReLU(True)]
+        layers = [WholeOutputConvTranspose2d(cfg.bottleneck, top, 4), nn.BatchNorm2d(top), nn.ReLU(True)]
         for i in range(up - 1, 0, -1):
             layers += [nn.ConvTranspose2d(_width(base, i), _width(base, i - 1), 4, 2, 1, bias=False),
                        nn.BatchNorm2d(_width(base, i - 1)), nn.ReLU(True)]
