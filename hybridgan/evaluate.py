@@ -13,7 +13,11 @@ and the numbers do not depend on the number of processes); per-image values are 
 next to the first RUN's stage folder):
 
 - `eval.json`: per row (each RUN, then the baseline) name, path, discriminator kind, metrics, n;
-- `eval.md`: the same as a Markdown table;
+  and, when the RUNs include a hybrid-D and a Pathak-D generator (the first of each), `comparison`:
+  the paired difference (hybrid - Pathak) of every metric over the same faces with a seeded
+  bootstrap 95 % interval, and `verdict`, one sentence on whether the hybrid is sharper at equal
+  PSNR (`report.sharper_at_equal_psnr` states the rule);
+- `eval.md`: the same as Markdown tables and the verdict;
 - `figure.png`: test faces, columns masked | RUN 1 | RUN 2 | ... | original, each face followed by
   a row of zoomed crops of its hole (the eyes and nose of an aligned face under the centre hole),
   `eval.figure_rows` faces from the first batches (none and no figure when 0);
@@ -44,7 +48,10 @@ from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.inpaint import InpaintError, load_generator, resolve_export
 from hybridgan.metrics import METRICS, PSNR_CEILING, hole_box, hole_metrics, mean_fill
 from hybridgan.models import ContextEncoder
-from hybridgan.report import ReportError, image_grid, loss_curves_png, markdown_table, read_metrics, to_uint8
+from hybridgan.report import (
+    ReportError, differences_markdown, image_grid, loss_curves_png, markdown_table, paired_differences,
+    read_metrics, sharper_at_equal_psnr, to_uint8,
+)
 
 BASELINE = "mean-colour fill"
 FIGURE_CELL = 128  # faces are scaled up (nearest) to at least this many pixels a side in figure.png
@@ -103,18 +110,21 @@ def check_shards(cfg: Config, split: str) -> None:
         raise EvalError(str(err)) from None
 
 
+Row = tuple[str, int, dict[str, float]]  # name, face index in the split, metrics
+
+
 class Collector:
     """Per-image metric rows of this rank, and the first faces of the figure (main process)."""
 
     def __init__(self, names: list[str], figure_rows: int) -> None:
         self.names, self.figure_rows = names, figure_rows
-        self.rows: list[tuple[str, dict[str, float]]] = []
+        self.rows: list[Row] = []
         self.figure: list[dict[str, torch.Tensor]] = []
 
-    def add(self, name: str, filled: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> None:
+    def add(self, name: str, first_face: int, filled: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> None:
         values = hole_metrics(filled, real, mask)
         for i in range(real.shape[0]):
-            self.rows.append((name, {metric: float(values[metric][i]) for metric in METRICS}))
+            self.rows.append((name, first_face + i, {metric: float(values[metric][i]) for metric in METRICS}))
 
     def keep_for_figure(self, real: torch.Tensor, mask: torch.Tensor, fills: dict[str, torch.Tensor]) -> None:
         for i in range(min(real.shape[0], self.figure_rows - len(self.figure))):
@@ -133,6 +143,7 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
     loader = make_loader(cfg, split, batch_size=batch_size, train=False)
     total = batches_per_epoch(cfg, split, batch_size, 1, train=False)
     world, rank = accelerator.num_processes, accelerator.process_index
+    first_face = 0
     bar = tqdm(loader, desc=f"evaluate {split}", unit="batch", total=min(total, max_batches or total),
                disable=not accelerator.is_main_process)
     for index, batch in enumerate(bar):
@@ -140,48 +151,84 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
             break
         real = batch["image"].to(accelerator.device).float()
         mask = make_masks(cfg.mask, cfg.data.image_size, real.shape[0], masks_rng).to(accelerator.device)
+        first_face += real.shape[0]
         if index % world != rank:
             continue
         masked = apply_mask(real, mask)
         fills = {run.name: run.model(masked, mask).float() for run in runs}
         fills[BASELINE] = mean_fill(masked, mask)
         for name, filled in fills.items():
-            collector.add(name, filled, real, mask)
+            collector.add(name, first_face - real.shape[0], filled, real, mask)
         collector.keep_for_figure(real, mask, fills)
     bar.close()
     return collector
 
 
-def summarise(rows: list[tuple[str, dict[str, float]]], names: list[str]) -> dict[str, dict[str, float]]:
+def summarise(rows: list[Row], names: list[str]) -> dict[str, dict[str, float]]:
     """Mean of each metric per row name, plus `n`."""
     summary = {}
     for name in names:
-        values = [metrics for row, metrics in rows if row == name]
+        values = [metrics for row, _, metrics in rows if row == name]
         summary[name] = {m: float(np.mean([v[m] for v in values])) if values else math.nan for m in METRICS}
         summary[name]["n"] = len(values)
     return summary
 
 
-def results_json(runs: list[Run], summary: dict[str, dict[str, float]], split: str, cfg: Config) -> dict[str, Any]:
+def per_face(rows: list[Row], name: str) -> dict[str, list[float]]:
+    """Each metric's values of one row name, in face order (the same order for every name)."""
+    ordered = sorted((index, metrics) for row, index, metrics in rows if row == name)
+    return {metric: [metrics[metric] for _, metrics in ordered] for metric in METRICS}
+
+
+def comparison(runs: list[Run], rows: list[Row], seed: int) -> dict[str, Any] | None:
+    """Paired differences (first hybrid-D run - first Pathak-D run) and the verdict; None without both."""
+    kinds = {run.cfg.discriminator.kind: run for run in reversed(runs)}
+    if "hybrid" not in kinds or "pathak" not in kinds:
+        return None
+    hybrid, pathak = kinds["hybrid"], kinds["pathak"]
+    diffs = paired_differences(per_face(rows, hybrid.name), per_face(rows, pathak.name), seed)
+    return {"first": hybrid.name, "second": pathak.name, "seed": seed, "differences": diffs,
+            "verdict": sharper_at_equal_psnr(diffs)}
+
+
+def results_json(runs: list[Run], summary: dict[str, dict[str, float]], split: str, cfg: Config,
+                 compared: dict[str, Any] | None = None) -> dict[str, Any]:
     rows = [{"name": run.name, "path": str(run.path), "discriminator": run.cfg.discriminator.kind,
              "metrics": {m: summary[run.name][m] for m in METRICS}, "n": summary[run.name]["n"]} for run in runs]
     rows.append({"name": BASELINE, "path": None, "discriminator": None,
                  "metrics": {m: summary[BASELINE][m] for m in METRICS}, "n": summary[BASELINE]["n"]})
     return {"split": split, "shards": cfg.data.shards, "image_size": cfg.data.image_size,
             "mask": {"kind": cfg.mask.kind, "hole_size": cfg.mask.hole_size, "seed": cfg.run.seed},
-            "psnr_ceiling_db": PSNR_CEILING, "runs": rows}
+            "psnr_ceiling_db": PSNR_CEILING, "runs": rows, "comparison": compared}
 
 
 def results_markdown(results: dict[str, Any]) -> str:
-    headers = ["run", "discriminator", "PSNR (dB)", "SSIM", "L1", "L2", "sharpness", "images"]
-    table = [[row["name"], row["discriminator"] or "-", f"{row['metrics']['psnr']:.2f}",
-              f"{row['metrics']['ssim']:.4f}", f"{row['metrics']['l1']:.4f}", f"{row['metrics']['l2']:.4f}",
-              f"{row['metrics']['sharpness']:.3f}", row["n"]] for row in results["runs"]]
+    headers = ["run", "discriminator", "PSNR (dB)", "SSIM", "L1", "L2", "sharpness", "detail",
+               "edge jump (original)", "checkerboard (original)", "colour shift", "saturation shift", "images"]
+    table = []
+    for row in results["runs"]:
+        m = row["metrics"]
+        table.append([row["name"], row["discriminator"] or "-", f"{m['psnr']:.2f}", f"{m['ssim']:.4f}",
+                      f"{m['l1']:.4f}", f"{m['l2']:.4f}", f"{m['sharpness']:.3f}", f"{m['detail']:.3f}",
+                      f"{m['edge_jump']:.1f} ({m['edge_jump_ref']:.1f})",
+                      f"{m['checkerboard']:.2f} ({m['checkerboard_ref']:.2f})",
+                      f"{m['colour_shift']:.1f}", f"{m['saturation_shift']:+.3f}", row["n"]])
     note = (f"\nSplit `{results['split']}`, {results['mask']['kind']} hole of {results['mask']['hole_size']} px. "
-            "PSNR, SSIM and sharpness (Laplacian variance of the fill over the original's; < 1 is blurrier) "
-            "on the hole's bounding box, L1/L2 over the hole's pixels, images on a [0, 1] scale; "
+            "PSNR, SSIM, sharpness (Laplacian variance of the fill over the original's; < 1 is blurrier, "
+            "noise raises it), detail (share of the original's fine detail the fill reproduces, 1 = all; "
+            "noise cannot raise it) and checkerboard (period-2 amplitude, grey levels) on the hole's "
+            "bounding box; L1/L2 over the hole's pixels on a [0, 1] scale; edge jump: mean step across "
+            "the hole's border (grey levels), the original's in brackets; colour shift: distance of the "
+            "hole's mean RGB (grey levels); saturation shift: fill minus original (HSV, 0-1). "
             f"PSNR of an exact fill is capped at {PSNR_CEILING:.0f} dB.\n")
-    return markdown_table(headers, table) + note
+    text = markdown_table(headers, table) + note
+    compared = results.get("comparison")
+    if compared:
+        text += (f"\nPaired differences over the same faces ({compared['first']} - {compared['second']}, "
+                 f"bootstrap seed {compared['seed']}):\n\n"
+                 + differences_markdown(compared["differences"], compared["first"], compared["second"])
+                 + f"\n{compared['verdict']}\n")
+    return text
 
 
 def _cell(image: torch.Tensor, scale: int) -> np.ndarray:
@@ -262,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     collector = collect(runs, cfg, args.split, batch_size, max_batches, accelerator)
     rows = accelerator.gather_for_metrics(collector.rows, use_gather_object=True)
     if accelerator.is_main_process:
-        results = results_json(runs, summarise(rows, [run.name for run in runs] + [BASELINE]), args.split, cfg)
+        summary = summarise(rows, [run.name for run in runs] + [BASELINE])
+        results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed))
         out = args.out or runs[0].stage_dir.parent / "eval"
         write_outputs(out, runs, results, collector.figure)
         print(results_markdown(results))

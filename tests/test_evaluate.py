@@ -57,9 +57,24 @@ def test_eval_files_and_values(evaluated):
     # Two different untrained generators give different fills.
     assert rows["train-hybrid"]["metrics"]["psnr"] != rows["train-pathak"]["metrics"]["psnr"]
     table = (out / "eval.md").read_text().splitlines()
-    assert table[0] == "| run | discriminator | PSNR (dB) | SSIM | L1 | L2 | sharpness | images |"
+    assert table[0] == ("| run | discriminator | PSNR (dB) | SSIM | L1 | L2 | sharpness | detail | edge jump (original) "
+                        "| checkerboard (original) | colour shift | saturation shift | images |")
     assert table[2].startswith("| train-hybrid | hybrid | ") and table[4].startswith(f"| {BASELINE} | - | ")
     assert table[4].endswith(" | 8 |")
+
+
+def test_paired_comparison_of_hybrid_and_pathak(evaluated):
+    out, _ = evaluated
+    results = json.loads((out / "eval.json").read_text())
+    compared = results["comparison"]
+    assert (compared["first"], compared["second"]) == ("train-hybrid", "train-pathak")
+    means = {row["name"]: row["metrics"] for row in results["runs"]}
+    for metric, diff in compared["differences"].items():
+        expected = means["train-hybrid"][metric] - means["train-pathak"][metric]
+        assert diff["mean"] == pytest.approx(expected, rel=1e-6, abs=1e-9), metric
+        assert diff["low"] <= diff["mean"] <= diff["high"] and diff["n"] == 8
+    assert compared["verdict"] in (out / "eval.md").read_text()
+    assert compared["verdict"].startswith(("At equal PSNR", "The PSNRs are not equal"))
 
 
 def test_figures(evaluated):

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,10 @@ import torch.nn.functional as F
 from hybridgan.metrics import (
     METRICS, PSNR_CEILING, HoleMetrics, hole_box, hole_metrics, mean_fill,
 )
-from hybridgan.report import markdown_table, read_metrics, table1, table2, ReportError
+from hybridgan.report import (
+    ReportError, bootstrap_interval, markdown_table, paired_differences, read_metrics, sharper_at_equal_psnr,
+    table1, table2,
+)
 
 
 def centre_mask(batch: int, size: int, hole: int) -> torch.Tensor:
@@ -266,3 +270,33 @@ def test_report_errors_name_the_file(tmp_path):
         read_metrics(stage)
     (stage / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "spl')  # killed mid-write
     assert read_metrics(stage) == [{"step": 1}]
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_mean():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 2.0, size=400)
+    mean, low, high = bootstrap_interval(values, seed=3)
+    assert mean == pytest.approx(values.mean())
+    # the percentile interval of a mean of 400 draws: about +-1.96 * 2 / 20 = +-0.196 around it
+    assert high - low == pytest.approx(2 * 1.96 * values.std() / 20, rel=0.1)
+    assert low < mean < high
+    assert bootstrap_interval(values, seed=3) == (mean, low, high)
+    assert bootstrap_interval([0.5] * 10, seed=0) == (0.5, 0.5, 0.5)
+
+
+def test_paired_differences_and_the_verdict():
+    faces = 200
+    rng = np.random.default_rng(1)
+    pathak = {"psnr": rng.normal(20, 2, faces), "detail": rng.normal(0.3, 0.1, faces)}
+    sharper = {"psnr": pathak["psnr"] + rng.normal(0, 0.1, faces), "detail": pathak["detail"] + 0.05}
+    diffs = paired_differences(sharper, pathak, seed=0)
+    assert diffs["detail"]["mean"] == pytest.approx(0.05) and diffs["detail"]["low"] == pytest.approx(0.05)
+    assert diffs["psnr"]["n"] == faces and abs(diffs["psnr"]["mean"]) < 0.05
+    assert sharper_at_equal_psnr(diffs).startswith("At equal PSNR (within +-0.5 dB) the hybrid fill is sharper than")
+    same = {"psnr": sharper["psnr"], "detail": pathak["detail"] + rng.normal(0, 0.05, faces)}
+    assert " is neither sharper nor blurrier than " in sharper_at_equal_psnr(paired_differences(same, pathak, 0))
+    worse = {"psnr": pathak["psnr"] - 2, "detail": pathak["detail"] - 0.05}
+    verdict = sharper_at_equal_psnr(paired_differences(worse, pathak, 0))
+    assert verdict.startswith("The PSNRs are not equal") and " is blurrier than " in verdict
+    with pytest.raises(ReportError, match="metric psnr: 3 faces against 200"):
+        paired_differences({"psnr": [1, 2, 3]}, pathak, 0)

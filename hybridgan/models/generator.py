@@ -1,8 +1,11 @@
 """Pathak et al.'s context encoder (CVPR 2016), the generator G of eq. 1-3.
 
 Encoder: 4x4 stride-2 convs (BatchNorm, LeakyReLU 0.2) from the image size down to 4x4, then a 4x4
-conv to a 1x1 bottleneck of `cfg.bottleneck` channels (Pathak: 4000). Decoder: 4x4 transposed convs
-(BatchNorm, ReLU) back up to `output_size`, tanh. Channel widths follow Pathak's code: base, base,
+conv to a 1x1 bottleneck of `cfg.bottleneck` channels (Pathak: 4000). Decoder: a 4x4 transposed conv
+to 4x4, then x2 steps (BatchNorm, ReLU) back up to `output_size`, tanh. Each x2 step is, by
+`cfg.upsample`, Pathak's 4x4 stride-2 transposed conv (`transposed`) or a nearest-neighbour x2 resize
+followed by a 3x3 conv (`resize`, Odena et al. 2016), which cannot produce the checkerboard that the
+uneven overlap of transposed-conv kernels leaves. Channel widths follow Pathak's code: base, base,
 2*base, 4*base, 8*base (capped at 8*base) on the way down, the mirror on the way up. With base 64,
 bottleneck 4000, 128x128 in and 64x64 out this is Pathak's 71.1 M-parameter network.
 """
@@ -25,6 +28,13 @@ def _steps_from_4(size: int, name: str) -> int:
 
 def _width(base: int, doublings: int) -> int:
     return base * 2 ** min(max(doublings, 0), 3)
+
+
+def _up(in_channels: int, out_channels: int, upsample: str) -> list[nn.Module]:
+    """One x2 upsampling conv of the decoder, without normalisation or activation."""
+    if upsample == "resize":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)]
+    return [nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=False)]
 
 
 def init_dcgan_weights(module: nn.Module) -> None:
@@ -68,9 +78,9 @@ class ContextEncoder(nn.Module):
         top = _width(base, up - 1)
         layers = [nn.ConvTranspose2d(cfg.bottleneck, top, 4, 1, 0, bias=False), nn.BatchNorm2d(top), nn.ReLU(True)]
         for i in range(up - 1, 0, -1):
-            layers += [nn.ConvTranspose2d(_width(base, i), _width(base, i - 1), 4, 2, 1, bias=False),
+            layers += [*_up(_width(base, i), _width(base, i - 1), cfg.upsample),
                        nn.BatchNorm2d(_width(base, i - 1)), nn.ReLU(True)]
-        layers += [nn.ConvTranspose2d(base, 3, 4, 2, 1, bias=False), nn.Tanh()]
+        layers += [*_up(base, 3, cfg.upsample), nn.Tanh()]
         self.decoder = nn.Sequential(*layers)
         self.apply(init_dcgan_weights)
 
