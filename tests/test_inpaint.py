@@ -117,3 +117,25 @@ def test_missing_generator(workdir, capsys):
     assert f"{empty}: no generator.safetensors" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--generator", str(empty), str(workdir / "face.png"), "--out", "x", "--box", "1,2,3"])
+
+
+def test_a_folder_with_keep_names(workdir, capsys):
+    photos = workdir / "photos"
+    photos.mkdir()
+    for name in ("face.png", "other.png"):
+        (photos / name).write_bytes((workdir / name).read_bytes())
+    (photos / "notes.txt").write_text("not a photo")
+    out = workdir / "out-kept"
+    gen = str(workdir / "runs/tiny/train-hybrid")
+    assert main(["--generator", gen, str(photos), "--out", str(out), "--keep-names"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["face.png", "other.png"]
+    mask = default_mask(load_config(None, TINY), WIDTH, HEIGHT)
+    changed_only_inside(out / "face.png", photos / "face.png", mask)
+    changed_only_inside(out / "other.png", photos / "other.png", mask)
+    # the same fill as the default naming writes
+    assert main(["--generator", gen, str(photos / "face.png"), "--out", str(workdir / "out-named")]) == 0
+    assert np.array_equal(read(out / "face.png"), read(workdir / "out-named" / "face_inpainted.png"))
+    capsys.readouterr()
+    assert main(["--generator", gen, str(photos), "--out", str(photos), "--keep-names"]) == 2
+    assert "--keep-names would overwrite it" in capsys.readouterr().err
+    assert read(photos / "face.png").tolist() == read(workdir / "face.png").tolist()
