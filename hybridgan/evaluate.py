@@ -1,11 +1,15 @@
 """Compare trained generators on the test split: hole metrics, the paper's Figure 2 and Table 2 curves.
 
     python -m hybridgan.evaluate runs/paper/train-hybrid runs/paper/train-pathak [--out DIR]
-        [--split test] [--batch-size N] [--max-batches N] [--shards DIR] [--cpu]
+        [--split test] [--batch-size N] [--max-batches N] [--shards DIR | --photos DIR] [--cpu]
 
 Each RUN is a train stage folder holding `generator.safetensors`, or an export file itself. The
 data (`data.shards`, `data.image_size`) and the holes (`mask`, seeded with `run.seed`) come from
 the first RUN's config (`--shards` overrides the folder); every RUN must share its image size.
+`--photos DIR` evaluates a folder of photos instead (any size; the files `inpaint` takes from a
+folder, sorted by name): each is read as `pack` reads a source (8-bit RGB, EXIF orientation, the
+centred square of side min(W, H) resized to `pack.source_size`), then seen as the test split is
+(the centred `data.crop_fraction` crop resized to `data.image_size`).
 One pass over the split feeds every generator and the mean-colour fill baseline the same images
 and masks. Every rank reads the whole split and handles every world_size-th batch (so the masks
 and the numbers do not depend on the number of processes); per-image values are gathered with
@@ -32,6 +36,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -45,7 +50,9 @@ from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader
 from hybridgan.data.manifest import ManifestError, shard_urls
 from hybridgan.data.masks import apply_mask, make_masks
-from hybridgan.inpaint import InpaintError, load_generator, resolve_export
+from hybridgan.data.photo import PhotoError, open_photo, square_frame
+from hybridgan.data.preprocess import eval_face
+from hybridgan.inpaint import InpaintError, expand_photos, load_generator, resolve_export
 from hybridgan.metrics import METRICS, PSNR_CEILING, hole_box, hole_metrics, mean_fill
 from hybridgan.models import ContextEncoder
 from hybridgan.report import (
@@ -113,6 +120,30 @@ def check_shards(cfg: Config, split: str) -> None:
 Row = tuple[str, int, dict[str, float]]  # name, face index in the split, metrics
 
 
+def photo_files(folder: Path) -> list[Path]:
+    """The photos of a folder, sorted; EvalError naming it when there are none."""
+    if not folder.is_dir():
+        raise EvalError(f"{folder}: photo folder not found")
+    files = expand_photos([folder])
+    if not files:
+        raise EvalError(f"{folder}: no photos (files ending in .jpg, .jpeg, .png, ...)")
+    return files
+
+
+def photo_batches(files: list[Path], cfg: Config, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches {"image": [B, 3, S, S] in [-1, 1]} of photo files, in the test split's view of a face."""
+    for start in range(0, len(files), batch_size):
+        faces = []
+        for path in files[start:start + batch_size]:
+            try:
+                frame = square_frame(open_photo(path.read_bytes(), str(path)), cfg.pack.source_size)
+            except PhotoError as err:
+                raise EvalError(str(err)) from None
+            pixels = eval_face(frame, cfg.data.image_size, cfg.data.crop_fraction)
+            faces.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0))
+        yield {"image": torch.stack(faces)}
+
+
 class Collector:
     """Per-image metric rows of this rank, and the first faces of the figure (main process)."""
 
@@ -135,13 +166,16 @@ class Collector:
 
 @torch.no_grad()
 def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batches: int,
-            accelerator: Accelerator) -> Collector:
-    """One pass over the split: every run and the baseline on the same images and masks."""
+            accelerator: Accelerator, photos: list[Path] | None = None) -> Collector:
+    """One pass over the split (or the photo files): every run and the baseline on the same images and masks."""
     names = [run.name for run in runs]
     collector = Collector(names, cfg.eval.figure_rows if accelerator.is_main_process else 0)
     masks_rng = torch.Generator().manual_seed(cfg.run.seed)
-    loader = make_loader(cfg, split, batch_size=batch_size, train=False)
-    total = batches_per_epoch(cfg, split, batch_size, 1, train=False)
+    if photos is None:
+        loader = make_loader(cfg, split, batch_size=batch_size, train=False)
+        total = batches_per_epoch(cfg, split, batch_size, 1, train=False)
+    else:
+        loader, total = photo_batches(photos, cfg, batch_size), math.ceil(len(photos) / batch_size)
     world, rank = accelerator.num_processes, accelerator.process_index
     first_face = 0
     bar = tqdm(loader, desc=f"evaluate {split}", unit="batch", total=min(total, max_batches or total),
@@ -192,12 +226,13 @@ def comparison(runs: list[Run], rows: list[Row], seed: int) -> dict[str, Any] | 
 
 
 def results_json(runs: list[Run], summary: dict[str, dict[str, float]], split: str, cfg: Config,
-                 compared: dict[str, Any] | None = None) -> dict[str, Any]:
+                 compared: dict[str, Any] | None = None, photos: Path | None = None) -> dict[str, Any]:
     rows = [{"name": run.name, "path": str(run.path), "discriminator": run.cfg.discriminator.kind,
              "metrics": {m: summary[run.name][m] for m in METRICS}, "n": summary[run.name]["n"]} for run in runs]
     rows.append({"name": BASELINE, "path": None, "discriminator": None,
                  "metrics": {m: summary[BASELINE][m] for m in METRICS}, "n": summary[BASELINE]["n"]})
-    return {"split": split, "shards": cfg.data.shards, "image_size": cfg.data.image_size,
+    return {"split": f"photos:{photos}" if photos else split, "shards": None if photos else cfg.data.shards,
+            "image_size": cfg.data.image_size,
             "mask": {"kind": cfg.mask.kind, "hole_size": cfg.mask.hole_size, "seed": cfg.run.seed},
             "psnr_ceiling_db": PSNR_CEILING, "runs": rows, "comparison": compared}
 
@@ -285,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--batch-size", type=int, help="default: eval.batch_size of the first run")
     parser.add_argument("--max-batches", type=int, help="default: eval.max_batches (0 = the whole split)")
-    parser.add_argument("--shards", help="packed dataset folder (default: data.shards of the first run)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--shards", help="packed dataset folder (default: data.shards of the first run)")
+    source.add_argument("--photos", type=Path, help="a folder of photos to evaluate on instead of a split")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     return parser
 
@@ -300,17 +337,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.shards:
             cfg.data.shards = args.shards
         cfg.data.resampled = False  # every test image exactly once, in pack order
-        check_shards(cfg, args.split)
+        photos = photo_files(args.photos) if args.photos else None
+        if photos is None:
+            check_shards(cfg, args.split)
+        batch_size = args.batch_size or cfg.eval.batch_size
+        max_batches = cfg.eval.max_batches if args.max_batches is None else args.max_batches
+        collector = collect(runs, cfg, args.split, batch_size, max_batches, accelerator, photos)
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    batch_size = args.batch_size or cfg.eval.batch_size
-    max_batches = cfg.eval.max_batches if args.max_batches is None else args.max_batches
-    collector = collect(runs, cfg, args.split, batch_size, max_batches, accelerator)
     rows = accelerator.gather_for_metrics(collector.rows, use_gather_object=True)
     if accelerator.is_main_process:
         summary = summarise(rows, [run.name for run in runs] + [BASELINE])
-        results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed))
+        results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed), args.photos)
         out = args.out or runs[0].stage_dir.parent / "eval"
         write_outputs(out, runs, results, collector.figure)
         print(results_markdown(results))

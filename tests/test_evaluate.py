@@ -147,3 +147,24 @@ def test_a_centre_hole_generator_is_not_evaluated_on_other_holes(tiny_shards, tm
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line == (f"error: {centre / 'generator.safetensors'}: fills only a central 16x16 hole, but the "
                     f"evaluation uses mask.kind=random_box, mask.hole_size=16 (from {box / 'generator.safetensors'})")
+
+
+def test_a_folder_of_photos_of_any_size(evaluated, tmp_path, capsys):
+    out, _ = evaluated
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for index, (width, height) in enumerate([(40, 30), (33, 57), (128, 128), (21, 21), (64, 48)]):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photos / f"p{index}.png")
+    (photos / "readme.txt").write_text("not a photo")
+    runs = [str(out.parent / "train-hybrid"), str(out.parent / "train-pathak")]
+    assert main([*runs, "--photos", str(photos), "--batch-size", "2", "--out", str(tmp_path / "e")]) == 0
+    results = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert results["split"] == f"photos:{photos}" and [row["n"] for row in results["runs"]] == [5, 5, 5]
+    assert results["comparison"]["differences"]["psnr"]["n"] == 5
+    (photos / "p9.jpg").write_bytes(b"not a jpeg")
+    capsys.readouterr()
+    assert main([*runs, "--photos", str(photos), "--out", str(tmp_path / "f")]) == 2
+    [line] = [text for text in capsys.readouterr().err.splitlines() if "error" in text]
+    assert line.startswith(f"error: {photos / 'p9.jpg'}: not a readable image")
+    assert not (tmp_path / "f").exists()
