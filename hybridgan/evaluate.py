@@ -10,8 +10,8 @@ the first RUN's config (`--shards` overrides the folder); every RUN must share i
 folder, sorted by name): each is read as `pack` reads a source (8-bit RGB, EXIF orientation, the
 centred square of side min(W, H) resized to `pack.source_size`), then seen as the test split is
 (the centred `data.crop_fraction` crop resized to `data.image_size`).
-One pass over the split feeds every generator and the mean-colour fill baseline the same images
-and masks. Every rank reads the whole split and handles every world_size-th batch (so the masks
+One pass over the split feeds every generator and two baselines the same images and masks: the
+mean-colour fill and OpenCV's classical Telea inpainting (`cv2.inpaint`, radius 3, on the 8-bit face). Every rank reads the whole split and handles every world_size-th batch (so the masks
 and the numbers do not depend on the number of processes); per-image values are gathered with
 `gather_for_metrics` and the main process writes, into `--out` (default: `runs/<name>/eval/`
 next to the first RUN's stage folder):
@@ -22,9 +22,11 @@ next to the first RUN's stage folder):
   bootstrap 95 % interval, and `verdict`, one sentence on whether the hybrid is sharper at equal
   PSNR (`report.sharper_at_equal_psnr` states the rule);
 - `eval.md`: the same as Markdown tables and the verdict;
-- `figure.png`: test faces, columns masked | RUN 1 | RUN 2 | ... | original, each face followed by
-  a row of zoomed crops of its hole (the eyes and nose of an aligned face under the centre hole),
-  `eval.figure_rows` faces from the first batches (none and no figure when 0);
+- `figure.png` (the paper's Figure 2): per test face a row original | masked | RUN 1 | RUN 2 | ... |
+  OpenCV Telea, each cell the face above a zoomed crop of its hole (the eyes and nose of an aligned
+  face under the centre hole, with a margin so seams show) above that fill's hole metrics (the
+  original's cell: its own edge jump and checkerboard), `eval.figure_rows` faces from the first
+  batches (none and no figure when 0);
 - `losses.png`: gen_adv_loss, gen_pixel_loss, disc_loss per epoch from each RUN's metrics.jsonl.
 """
 
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from hybridgan.config import Config
@@ -61,7 +63,12 @@ from hybridgan.report import (
 )
 
 BASELINE = "mean-colour fill"
+TELEA = "OpenCV Telea"
+BASELINES = (BASELINE, TELEA)
+TELEA_RADIUS = 3
 FIGURE_CELL = 128  # faces are scaled up (nearest) to at least this many pixels a side in figure.png
+CAPTION_LINES = 3
+LINE_HEIGHT = 12
 
 
 class EvalError(ValueError):
@@ -120,6 +127,20 @@ def check_shards(cfg: Config, split: str) -> None:
 Row = tuple[str, int, dict[str, float]]  # name, face index in the split, metrics
 
 
+def telea_fill(masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """OpenCV's Telea inpainting of each [3, S, S] face's hole (8-bit), the known pixels kept exactly."""
+    import cv2
+
+    filled = []
+    for image, hole in zip(masked, mask):
+        pixels = to_uint8(image)
+        holes = (hole[0].detach().cpu().numpy() > 0.5).astype(np.uint8)
+        result = cv2.inpaint(np.ascontiguousarray(pixels), holes, TELEA_RADIUS, cv2.INPAINT_TELEA)
+        filled.append(torch.from_numpy(result).permute(2, 0, 1).float().div(127.5).sub(1.0))
+    fill = torch.stack(filled).to(masked.device)
+    return masked * (1 - mask) + fill * mask
+
+
 def photo_files(folder: Path) -> list[Path]:
     """The photos of a folder, sorted; EvalError naming it when there are none."""
     if not folder.is_dir():
@@ -160,7 +181,7 @@ class Collector:
     def keep_for_figure(self, real: torch.Tensor, mask: torch.Tensor, fills: dict[str, torch.Tensor]) -> None:
         for i in range(min(real.shape[0], self.figure_rows - len(self.figure))):
             face = {"masked": apply_mask(real[i], mask[i]), "original": real[i], "mask": mask[i]}
-            face.update({name: fills[name][i] for name in self.names})
+            face.update({name: fills[name][i] for name in [*self.names, TELEA]})
             self.figure.append({key: value.detach().cpu() for key, value in face.items()})
 
 
@@ -191,6 +212,7 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
         masked = apply_mask(real, mask)
         fills = {run.name: run.model(masked, mask).float() for run in runs}
         fills[BASELINE] = mean_fill(masked, mask)
+        fills[TELEA] = telea_fill(masked, mask)
         for name, filled in fills.items():
             collector.add(name, first_face - real.shape[0], filled, real, mask)
         collector.keep_for_figure(real, mask, fills)
@@ -229,8 +251,8 @@ def results_json(runs: list[Run], summary: dict[str, dict[str, float]], split: s
                  compared: dict[str, Any] | None = None, photos: Path | None = None) -> dict[str, Any]:
     rows = [{"name": run.name, "path": str(run.path), "discriminator": run.cfg.discriminator.kind,
              "metrics": {m: summary[run.name][m] for m in METRICS}, "n": summary[run.name]["n"]} for run in runs]
-    rows.append({"name": BASELINE, "path": None, "discriminator": None,
-                 "metrics": {m: summary[BASELINE][m] for m in METRICS}, "n": summary[BASELINE]["n"]})
+    rows += [{"name": name, "path": None, "discriminator": None,
+              "metrics": {m: summary[name][m] for m in METRICS}, "n": summary[name]["n"]} for name in BASELINES]
     return {"split": f"photos:{photos}" if photos else split, "shards": None if photos else cfg.data.shards,
             "image_size": cfg.data.image_size,
             "mask": {"kind": cfg.mask.kind, "hole_size": cfg.mask.hole_size, "seed": cfg.run.seed},
@@ -280,15 +302,41 @@ def _zoom(image: torch.Tensor, mask: torch.Tensor, side: int) -> np.ndarray:
     return to_uint8(F.interpolate(crop, size=(side, side), mode="nearest")[0])
 
 
+def caption(face: dict[str, torch.Tensor], column: str) -> list[str]:
+    """The hole's metrics of one figure cell, CAPTION_LINES short lines."""
+    real, mask = face["original"][None], face["mask"][None]
+    if column == "masked":
+        return ["input"]
+    values = {name: float(v[0]) for name, v in hole_metrics(face[column][None], real, mask).items()}
+    if column == "original":
+        return [f"jump {values['edge_jump_ref']:.1f}", f"chk {values['checkerboard_ref']:.2f}"]
+    return [f"PSNR {values['psnr']:.1f} SSIM {values['ssim']:.2f}",
+            f"detail {values['detail']:.2f} jump {values['edge_jump']:.1f}",
+            f"chk {values['checkerboard']:.2f} col {values['colour_shift']:.0f}"]
+
+
+def _with_caption(picture: np.ndarray, lines: list[str]) -> np.ndarray:
+    """`picture` above a white strip of CAPTION_LINES text lines."""
+    strip = Image.new("RGB", (picture.shape[1], CAPTION_LINES * LINE_HEIGHT + 2), "white")
+    draw = ImageDraw.Draw(strip)
+    for index, line in enumerate(lines[:CAPTION_LINES]):
+        draw.text((1, 1 + index * LINE_HEIGHT), line, fill="black", font=ImageFont.load_default())
+    return np.concatenate([picture, np.asarray(strip)], axis=0)
+
+
 def figure(faces: list[dict[str, torch.Tensor]], names: list[str]) -> Image.Image:
-    """Figure 2 from data: per face a row masked | runs | original and a row of zoomed hole crops."""
+    """Figure 2 from data: per face a row original | masked | runs | Telea; each cell the face, its
+    zoomed hole and that fill's hole metrics."""
     size = faces[0]["original"].shape[-1]
     scale = max(1, math.ceil(FIGURE_CELL / size))
-    columns = ["masked", *names, "original"]
+    columns = ["original", "masked", *names, TELEA]
     cells = []
     for face in faces:
-        cells.append([_cell(face[column], scale) for column in columns])
-        cells.append([_zoom(face[column], face["mask"], size * scale) for column in columns])
+        row = []
+        for column in columns:
+            stacked = np.concatenate([_cell(face[column], scale), _zoom(face[column], face["mask"], size * scale)])
+            row.append(_with_caption(stacked, caption(face, column)))
+        cells.append(row)
     return image_grid(cells, labels=columns)
 
 
@@ -348,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = accelerator.gather_for_metrics(collector.rows, use_gather_object=True)
     if accelerator.is_main_process:
-        summary = summarise(rows, [run.name for run in runs] + [BASELINE])
+        summary = summarise(rows, [run.name for run in runs] + list(BASELINES))
         results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed), args.photos)
         out = args.out or runs[0].stage_dir.parent / "eval"
         write_outputs(out, runs, results, collector.figure)
