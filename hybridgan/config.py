@@ -82,6 +82,7 @@ class GeneratorConfig:
     base_channels: int = 64
     bottleneck: int = 4000
     upsample: str = "transposed"  # transposed: Pathak's 4x4 stride-2 transposed convs; resize: nearest x2 + 3x3 conv
+    seam_blend: float = 0.0  # > 0: at composition, the fill's mismatch along the hole's border, smoothed over this many px, is spread into the hole
 
 
 @dataclass
@@ -177,6 +178,7 @@ _NON_NEGATIVE = (
     "loss.alpha", "loss.beta", "loss.gamma", "loss.epsilon", "loss.global_weight",
     "loss.pixel_weight", "blur.min_variance", "blur.top_left", "pretrain.eval_batches",
     "train.eval_batches", "eval.figure_rows", "loss.overlap", "loss.overlap_weight",
+    "generator.seam_blend",
 )
 
 

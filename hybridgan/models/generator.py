@@ -46,6 +46,40 @@ def init_dcgan_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+_CROSS = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def seam_correction(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Tensor:
+    """A smooth field inside the hole that removes the fill's mismatch with the context at the border.
+
+    For each hole pixel p touching known pixels, the mismatch is the mean of its known 4-neighbours
+    minus the fill at p. Every hole pixel gets the mismatches of all border pixels b averaged with
+    weights 1 / (|p - b|^2 + radius^2) (Shepard interpolation): a step that runs along the border
+    (the square seam) is removed, while detail finer than `radius` pixels averages out and stays.
+    [B, 3, S, S] in, the correction (0 outside the hole) out; differentiable in `filled`.
+    """
+    hole = mask[:, :1].float()
+    known = 1.0 - hole
+    cross = _CROSS.to(filled).view(1, 1, 3, 3)
+    count = nn.functional.conv2d(known, cross, padding=1)
+    outside = nn.functional.conv2d((masked * known).flatten(0, 1)[:, None], cross, padding=1).view_as(masked)
+    border = (hole > 0.5) & (count > 0)
+    mismatch = outside / count.clamp(min=1.0) - filled
+    correction = torch.zeros_like(filled)
+    size = filled.shape[-1]
+    for index in range(filled.shape[0]):
+        inside = torch.nonzero(hole[index, 0] > 0.5).to(filled.dtype)
+        edge = torch.nonzero(border[index, 0])
+        if inside.numel() == 0 or edge.numel() == 0:
+            continue
+        weights = 1.0 / (torch.cdist(inside, edge.to(filled.dtype)).square() + radius**2)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        values = mismatch[index][:, edge[:, 0], edge[:, 1]]  # [3, E]
+        flat = inside[:, 0].long() * size + inside[:, 1].long()
+        correction[index].view(3, -1)[:, flat] = values @ weights.T
+    return correction
+
+
 class ContextEncoder(nn.Module):
     """G: (masked image, mask) -> the composited image, equal to the input outside the hole.
 
@@ -60,6 +94,7 @@ class ContextEncoder(nn.Module):
                  output_size: int | None = None) -> None:
         super().__init__()
         self.image_size, self.hole_size = image_size, hole_size
+        self.seam_blend = cfg.seam_blend
         self.output_size = hole_size if output_size is None else output_size
         if self.output_size not in (hole_size, image_size):
             raise ValueError(f"output_size={self.output_size} must be the hole size {hole_size} "
@@ -97,6 +132,12 @@ class ContextEncoder(nn.Module):
         return nn.functional.pad(prediction, pad)
 
     def forward(self, masked: Tensor, mask: Tensor) -> Tensor:
-        """mask * prediction + (1 - mask) * masked: [B, 3, S, S], the known pixels kept exactly."""
+        """mask * prediction + (1 - mask) * masked: [B, 3, S, S], the known pixels kept exactly.
+
+        With `seam_blend` > 0 the prediction is first corrected by `seam_correction` (then clamped
+        to [-1, 1]), so that it meets the context without a step along the hole's border.
+        """
         canvas = self.to_canvas(self.predict(masked, mask))
+        if self.seam_blend > 0:
+            canvas = (canvas + seam_correction(canvas, masked, mask, self.seam_blend)).clamp(-1.0, 1.0)
         return mask * canvas + (1 - mask) * masked
