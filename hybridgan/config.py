@@ -82,7 +82,7 @@ class GeneratorConfig:
     base_channels: int = 64
     bottleneck: int = 4000
     upsample: str = "transposed"  # transposed: Pathak's 4x4 stride-2 transposed convs; resize: nearest x2 + 3x3 conv
-    seam_blend: float = 0.0  # > 0: at composition, the fill's mismatch along the hole's border, smoothed over this many px, is spread into the hole
+    seam_blend: float = 0.0  # > 0: at composition, the fill's mismatch along the hole's border, smoothed over this many px, is spread into the hole; 0 here so that exports made without the key load as trained, the configs set the measured 4 (docs/quality.md)
 
 
 @dataclass
@@ -105,7 +105,7 @@ class LossConfig:
     epsilon: float = 0.5
     global_weight: float = 0.5
     pixel_weight: float = 0.5
-    overlap: int = 0  # width (px) of the band along the hole's inner border whose L2 weighs overlap_weight
+    overlap: int = 4  # width (px) of the band along the hole's inner border whose L2 weighs overlap_weight (0: off; docs/quality.md)
     overlap_weight: float = 10.0  # Pathak's overlapL2Weight
 
 

@@ -13,7 +13,7 @@ from hybridgan.losses import (
 from hybridgan.models import ContextEncoder, DiscOutput, HybridDiscriminator, PathakDiscriminator
 
 # distinct weights, so that a swapped weight shows up in the value
-CFG = LossConfig(alpha=0.9, beta=0.1, gamma=0.3, epsilon=0.7, global_weight=0.25, pixel_weight=0.75)
+CFG = LossConfig(alpha=0.9, beta=0.1, gamma=0.3, epsilon=0.7, global_weight=0.25, pixel_weight=0.75, overlap=0)
 GLOBAL = torch.tensor([0.2, 0.6])
 PIXEL = torch.tensor([[[[0.0, 0.5], [1.0, 0.25]]], [[[0.5, 0.5], [0.0, 1.0]]]])  # [2, 1, 2, 2]
 HOLE = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
@@ -77,7 +77,7 @@ def test_overlap_weighted_pixel_loss_trains_the_border_harder() -> None:
     losses = generator_joint_loss(real, fake, PATHAK, cfg, mask)
     assert losses.pixel.item() == pytest.approx(6 / 36)  # the logged gen_pixel_loss: plain hole mean
     assert losses.joint.item() == pytest.approx(6 * 10 / (20 * 10 + 16))  # weighted mean
-    plain = generator_joint_loss(real, fake, PATHAK, LossConfig(alpha=1.0, beta=0.0), mask)
+    plain = generator_joint_loss(real, fake, PATHAK, LossConfig(alpha=1.0, beta=0.0, overlap=0), mask)
     assert plain.joint.item() == pytest.approx(6 / 36)
 
 

@@ -56,8 +56,17 @@ def seam_correction(filled: Tensor, masked: Tensor, mask: Tensor, radius: float)
     minus the fill at p. Every hole pixel gets the mismatches of all border pixels b averaged with
     weights 1 / (|p - b|^2 + radius^2) (Shepard interpolation): a step that runs along the border
     (the square seam) is removed, while detail finer than `radius` pixels averages out and stays.
-    [B, 3, S, S] in, the correction (0 outside the hole) out; differentiable in `filled`.
+    [B, 3, S, S] in, the correction (0 outside the hole) out, in `filled`'s dtype (computed in
+    float32); differentiable in `filled`.
     """
+    dtype = filled.dtype
+    with torch.autocast(filled.device.type, enabled=False):  # float32 throughout, also under autocast
+        correction = _shepard(filled.float(), masked.float(), mask, radius)
+    return correction.to(dtype)
+
+
+def _shepard(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Tensor:
+    """The float32 body of `seam_correction`."""
     hole = mask[:, :1].float()
     known = 1.0 - hole
     cross = _CROSS.to(filled).view(1, 1, 3, 3)
