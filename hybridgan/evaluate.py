@@ -236,13 +236,17 @@ def per_face(rows: list[Row], name: str) -> dict[str, list[float]]:
     return {metric: [metrics[metric] for _, metrics in ordered] for metric in METRICS}
 
 
+COMPARED = [name for name in METRICS if not name.endswith("_ref")]  # the _ref values are the original's, equal for both
+
+
 def comparison(runs: list[Run], rows: list[Row], seed: int) -> dict[str, Any] | None:
     """Paired differences (first hybrid-D run - first Pathak-D run) and the verdict; None without both."""
     kinds = {run.cfg.discriminator.kind: run for run in reversed(runs)}
     if "hybrid" not in kinds or "pathak" not in kinds:
         return None
     hybrid, pathak = kinds["hybrid"], kinds["pathak"]
-    diffs = paired_differences(per_face(rows, hybrid.name), per_face(rows, pathak.name), seed)
+    first, second = per_face(rows, hybrid.name), per_face(rows, pathak.name)
+    diffs = paired_differences({m: first[m] for m in COMPARED}, {m: second[m] for m in COMPARED}, seed)
     return {"first": hybrid.name, "second": pathak.name, "seed": seed, "differences": diffs,
             "verdict": sharper_at_equal_psnr(diffs)}
 

@@ -71,6 +71,7 @@ def test_paired_comparison_of_hybrid_and_pathak(evaluated):
     compared = results["comparison"]
     assert (compared["first"], compared["second"]) == ("train-hybrid", "train-pathak")
     means = {row["name"]: row["metrics"] for row in results["runs"]}
+    assert set(compared["differences"]) == {m for m in METRICS if not m.endswith("_ref")}
     for metric, diff in compared["differences"].items():
         expected = means["train-hybrid"][metric] - means["train-pathak"][metric]
         assert diff["mean"] == pytest.approx(expected, rel=1e-6, abs=1e-9), metric

@@ -49,6 +49,7 @@ def init_dcgan_weights(module: nn.Module) -> None:
 _CROSS = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
 
 
+@torch.compiler.disable  # a per-image loop over data-dependent shapes: eager, also in a compiled G
 def seam_correction(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Tensor:
     """A smooth field inside the hole that removes the fill's mismatch with the context at the border.
 
