@@ -21,6 +21,7 @@ first, so it is model 0 and the discriminator model 1 in a train stage, model 0 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def read_weights(checkpoint: Path, index: int) -> dict[str, torch.Tensor]:
         elif engine.is_dir():
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=engine.name)
+            with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
+                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=engine.name)
         else:
             raise ExportCheckpointError(f"{checkpoint}: no weights of model {index} "
                                         f"({safetensors.name}, {binary.name} or {engine.name}/)")
