@@ -76,9 +76,9 @@ def read_weights(checkpoint: Path, index: int) -> dict[str, torch.Tensor]:
         elif binary.is_file():
             state = torch.load(binary, map_location="cpu", weights_only=True)
         elif engine.is_dir():
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
             with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
                 state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=engine.name)
         else:
             raise ExportCheckpointError(f"{checkpoint}: no weights of model {index} "
