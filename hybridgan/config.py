@@ -81,6 +81,8 @@ class BlurConfig:
 class GeneratorConfig:
     base_channels: int = 64
     bottleneck: int = 4000
+    upsample: str = "transposed"  # transposed: Pathak's 4x4 stride-2 transposed convs; resize: nearest x2 + 3x3 conv
+    seam_blend: float = 0.0  # > 0: at composition, the fill's mismatch along the hole's border, smoothed over this many px, is spread into the hole; 0 here so that exports made without the key load as trained, the configs set the measured 4 (docs/quality.md)
 
 
 @dataclass
@@ -104,6 +106,8 @@ class LossConfig:
     epsilon: float = 0.5
     global_weight: float = 0.5
     pixel_weight: float = 0.5
+    overlap: int = 4  # width (px) of the band along the hole's inner border whose L2 weighs overlap_weight (0: off; docs/quality.md)
+    overlap_weight: float = 10.0  # Pathak's overlapL2Weight
 
 
 @dataclass
@@ -157,6 +161,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "mask.kind": ("center", "random_box", "strokes"),
     "discriminator.kind": ("hybrid", "pathak"),
     "discriminator.pathak_input": ("hole", "frame"),
+    "generator.upsample": ("transposed", "resize"),
     "pretrain.mixed_precision": ("no", "fp16", "bf16"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
@@ -174,7 +179,8 @@ _NON_NEGATIVE = (
     "pretrain.eval_every", "train.eval_every", "data.samples_per_epoch", "eval.max_batches",
     "loss.alpha", "loss.beta", "loss.gamma", "loss.epsilon", "loss.global_weight",
     "loss.pixel_weight", "blur.min_variance", "blur.top_left", "pretrain.eval_batches",
-    "train.eval_batches", "eval.figure_rows",
+    "train.eval_batches", "eval.figure_rows", "loss.overlap", "loss.overlap_weight",
+    "generator.seam_blend",
 )
 
 

@@ -3,6 +3,7 @@
     python -m hybridgan.inpaint --generator runs/paper/train-hybrid photo.jpg --out filled/
     python -m hybridgan.inpaint --generator G.safetensors a.png b.jpg --out filled/ --box 90,60,80,80
     python -m hybridgan.inpaint --generator G.safetensors a.png --out filled/ --mask hole.png
+    python -m hybridgan.inpaint --generator G.safetensors photos/ --out filled/ --keep-names
 
 How a photo of W x H pixels is processed (the generator sees S x S images, S = data.image_size):
 
@@ -19,8 +20,13 @@ How a photo of W x H pixels is processed (the generator sees S x S images, S = d
 4. The generator's S x S result is upsampled to m x m (bicubic) and only the hole pixels of the
    original photo are replaced: every pixel outside the mask is the input's, exactly (PNG output).
 
-Outputs per photo: `<stem>_inpainted.png` and `<stem>_side_by_side.png` (masked | inpainted |
-original). A bad photo or mask is reported on one line and skipped; the others are still written.
+An argument that is a folder stands for the photos in it (files ending in one of PHOTO_SUFFIXES,
+sorted by name, subfolders not included). Outputs per photo: `<stem>_inpainted.png` and
+`<stem>_side_by_side.png` (masked | inpainted | original); with `--keep-names`, the fill alone under
+the input's own file name, in the format its suffix names (a JPEG output is re-compressed at quality
+95, so outside the hole it is close to, not exactly, the input; PNG stays exact). `--out` must then
+differ from every input's folder, so no photo is overwritten. A bad photo or mask is reported on one
+line and skipped; the others are still written.
 """
 
 from __future__ import annotations
@@ -34,15 +40,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from hybridgan.config import Config
 from hybridgan.data.masks import center_box
+from hybridgan.data.photo import PhotoError, open_photo
 from hybridgan.exports import ExportError, load_export
 from hybridgan.models import ContextEncoder, build_generator
 from hybridgan.report import image_grid
 
 EXPORT_NAME = "generator.safetensors"
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class InpaintError(ValueError):
@@ -95,11 +103,22 @@ class Crop:
 def read_photo(path: Path) -> np.ndarray:
     """H x W x 3 uint8 RGB; InpaintError naming the file when it is not a readable image."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB")).copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise InpaintError(f"{path}: not a readable image ({err})") from None
+        return np.asarray(open_photo(path.read_bytes(), str(path))).copy()
+    except OSError as err:
+        raise InpaintError(f"{path}: not a readable image ({err.strerror or err})") from None
+    except PhotoError as err:
+        raise InpaintError(str(err)) from None
+
+
+def expand_photos(paths: list[Path]) -> list[Path]:
+    """Each folder replaced by its photo files (PHOTO_SUFFIXES, sorted by name); files kept as given."""
+    photos = []
+    for path in paths:
+        if path.is_dir():
+            photos += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        else:
+            photos.append(path)
+    return photos
 
 
 def read_mask(path: Path, width: int, height: int) -> np.ndarray:
@@ -204,8 +223,9 @@ def side_by_side(photo: np.ndarray, mask: np.ndarray, result: np.ndarray) -> Ima
 
 
 def process(model: ContextEncoder, cfg: Config, image: Path, out: Path,
-            mask_png: Path | None, box: tuple[int, int, int, int] | None) -> Path:
-    """Inpaint one photo; writes `<stem>_inpainted.png` and `<stem>_side_by_side.png` into `out`."""
+            mask_png: Path | None, box: tuple[int, int, int, int] | None, keep_names: bool = False) -> Path:
+    """Inpaint one photo into `out`: `<stem>_inpainted.png` and `<stem>_side_by_side.png`, or with
+    `keep_names` the fill alone under the photo's own name (format from its suffix)."""
     photo = read_photo(image)
     height, width = photo.shape[:2]
     if mask_png is not None:
@@ -215,6 +235,10 @@ def process(model: ContextEncoder, cfg: Config, image: Path, out: Path,
     else:
         mask = default_mask(cfg, width, height)
     result = inpaint(model, photo, mask, name=str(image))
+    if keep_names:
+        target = out / image.name
+        Image.fromarray(result).save(target, quality=95)
+        return target
     target = out / f"{image.stem}_inpainted.png"
     Image.fromarray(result).save(target)
     side_by_side(photo, mask, result).save(out / f"{image.stem}_side_by_side.png")
@@ -224,8 +248,10 @@ def process(model: ContextEncoder, cfg: Config, image: Path, out: Path,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hybridgan.inpaint", description=__doc__.split("\n\n")[0])
     parser.add_argument("--generator", required=True, help="train stage folder or generator .safetensors")
-    parser.add_argument("images", nargs="+", type=Path, help="photos (JPEG/PNG, any size)")
+    parser.add_argument("images", nargs="+", type=Path, help="photos (JPEG/PNG, any size) or folders of them")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--keep-names", action="store_true",
+                        help="write each fill under its input's file name (no side-by-side)")
     hole = parser.add_mutually_exclusive_group()
     hole.add_argument("--mask", type=Path, help="PNG of the photo's size, white = hole")
     hole.add_argument("--box", type=parse_box, help="TOP,LEFT,H,W in photo pixels")
@@ -240,11 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     except InpaintError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    images = expand_photos(args.images)
+    if args.keep_names:
+        clash = next((image for image in images if image.parent.resolve() == args.out.resolve()), None)
+        if clash is not None:
+            print(f"error: --out {args.out} holds the input {clash}; --keep-names would overwrite it", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for image in args.images:
+    for image in images:
         try:
-            print(process(model, cfg, image, args.out, args.mask, args.box))
+            print(process(model, cfg, image, args.out, args.mask, args.box, args.keep_names))
         except InpaintError as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1

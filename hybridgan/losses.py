@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from hybridgan.config import LossConfig
@@ -59,6 +60,32 @@ def pixel_loss(real: Tensor, fake: Tensor, mask: Tensor | None = None) -> Tensor
     return (error * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def border_weights(mask: Tensor, band: int, weight: float) -> Tensor:
+    """Per-pixel L2 weights: 0 outside the hole, `weight` within `band` pixels of its border, 1 deeper.
+
+    Pathak's overlap-weighted L2: his generator predicts the hole plus a 4-pixel overlap with the
+    context and weighs the squared error there 10x, so the prediction must agree with the known
+    pixels around it. Our centre generator predicts the hole only, so the band lies just inside the
+    hole's border: the pixels that meet the context. The image edge is not a border.
+    """
+    hole = mask.float()
+    if band <= 0:
+        return hole
+    known = 1.0 - hole
+    near_known = F.max_pool2d(known, 2 * band + 1, stride=1, padding=band)
+    return hole * (1.0 + (weight - 1.0) * near_known)
+
+
+def weighted_pixel_loss(real: Tensor, fake: Tensor, weights: Tensor) -> Tensor:
+    """The squared error's mean over the hole weighted by `weights` (sum(w * e) / sum(w), all channels).
+
+    Dividing by the weights' sum keeps the term's scale, so alpha and beta keep their balance.
+    """
+    error = (real.float() - fake.float()).square()
+    weights = weights.float().expand_as(error)
+    return (error * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
 def adversarial_loss(d_fake: DiscOutput, cfg: LossConfig, hole_mask: Tensor | None = None) -> Tensor:
     """Eq. 2, L_adv = ||Ones - D(G(Mask_Img))||_2^2: G wants D to call its images real everywhere.
 
@@ -70,10 +97,18 @@ def adversarial_loss(d_fake: DiscOutput, cfg: LossConfig, hole_mask: Tensor | No
 
 def generator_joint_loss(real: Tensor, fake: Tensor, d_fake: DiscOutput, cfg: LossConfig,
                          hole_mask: Tensor | None = None) -> GeneratorLosses:
-    """Eq. 3, L_gen_joint = alpha * L_pixel + beta * L_adv (L_pixel over the hole when given)."""
+    """Eq. 3, L_gen_joint = alpha * L_pixel + beta * L_adv (L_pixel over the hole when given).
+
+    With `cfg.overlap` > 0 and a hole mask, the L_pixel inside the joint loss is the border-weighted
+    one (`border_weights`); `pixel` stays the plain hole mean, so Table 2's gen_pixel_loss keeps its
+    meaning whatever the weighting.
+    """
     pixel = pixel_loss(real, fake, hole_mask)
     adv = adversarial_loss(d_fake, cfg, hole_mask)
-    return GeneratorLosses(cfg.alpha * pixel + cfg.beta * adv, pixel, adv)
+    trained = pixel
+    if hole_mask is not None and cfg.overlap > 0:
+        trained = weighted_pixel_loss(real, fake, border_weights(hole_mask, cfg.overlap, cfg.overlap_weight))
+    return GeneratorLosses(cfg.alpha * trained + cfg.beta * adv, pixel, adv)
 
 
 def real_loss(d_real: DiscOutput, cfg: LossConfig) -> Tensor:

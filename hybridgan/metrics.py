@@ -10,7 +10,25 @@ generator worked:
   [0, 1] scale, so that for a box hole `psnr == -10 * log10(l2)`.
 - `sharpness`: variance of the Laplacian of the filled crop over that of the original crop
   (grayscale, valid convolution so the box edges do not count). Below 1 means the fill is blurrier
-  than the face it replaces; identical crops give exactly 1.
+  than the face it replaces; identical crops give exactly 1. Noise or a checkerboard raise it too,
+  so it cannot tell detail from artefacts; `detail` can.
+- `detail`: the part of the original's fine detail the fill reproduces: the Laplacians (high-pass)
+  of the grayscale crops, h_fill and h_orig, give sum(h_fill * h_orig) / sum(h_orig ** 2). An exact
+  fill gives 1, a blurred one less (a Gaussian blur scales every detail down), a flat one 0. Noise
+  and a checkerboard are uncorrelated with the original, so adding them leaves it unchanged on
+  average: it cannot be fooled by them. It rewards detail in the right place; a sharp but different
+  texture scores like a blur, so it measures recovered detail, not plausibility.
+- `edge_jump`: the seam. Mean absolute step (0-255, all channels) between each hole pixel on the
+  hole's border and its 4-neighbour just outside, the outside taken from the original (the known
+  pixels a composited fill keeps). `edge_jump_ref` is the same step in the original, the natural
+  edge contrast a seamless fill would match; a hard seam makes edge_jump several times larger.
+- `checkerboard`: RMS amplitude (0-255) of the filled crop's grayscale at the period-2 frequencies
+  a stride-2 up-convolution leaves, through filters with response 1 there and 0 at zero frequency
+  and on ramps (`period2_amplitude`). A +-A checkerboard or stripe pattern gives A; smooth content
+  about 0; white noise of grey standard deviation s about 0.65 s. `checkerboard_ref` is the original's.
+- `colour_shift`: distance (0-255) between the fill's mean RGB colour in the hole and the
+  original's; `saturation_shift`: mean HSV saturation (0-1) of the fill in the hole minus the
+  original's, negative when the fill is greyer.
 
 Under Accelerate, compute per-image values on each rank, gather them, and accumulate on the main
 process::
@@ -97,13 +115,100 @@ def _ssim(pred: Tensor, target: Tensor) -> Tensor:
 
 def laplacian_variance(images: Tensor) -> Tensor:
     """Per-image variance of the Laplacian of the grayscale of [n, 3, h, w] images (valid conv)."""
-    gray = (images * _LUMA.to(images).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
-    response = F.conv2d(gray, _LAPLACIAN.to(images).view(1, 1, 3, 3))
-    return response.flatten(1).var(dim=1, unbiased=False)
+    return _laplacian(images).flatten(1).var(dim=1, unbiased=False)
 
 
 def _sharpness(pred: Tensor, target: Tensor) -> Tensor:
     return (laplacian_variance(pred) + _EPS) / (laplacian_variance(target) + _EPS)
+
+
+def _laplacian(images: Tensor) -> Tensor:
+    """Laplacian of the grayscale of [n, 3, h, w] images, valid convolution: [n, 1, h - 2, w - 2]."""
+    gray = (images * _LUMA.to(images).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    return F.conv2d(gray, _LAPLACIAN.to(images).view(1, 1, 3, 3))
+
+
+def _detail(pred: Tensor, target: Tensor) -> Tensor:
+    fill, original = _laplacian(pred).flatten(1), _laplacian(target).flatten(1)
+    return ((fill * original).sum(dim=1) + _EPS) / (original.square().sum(dim=1) + _EPS)
+
+
+def period2_amplitude(images: Tensor) -> Tensor:
+    """Per-image RMS amplitude of the grayscale's period-2 patterns, on the images' scale.
+
+    Three separable 3x3 filters from h = [1, -2, 1] / 4 and l = [1, 2, 1] / 4 (h x h, h x l, l x h,
+    valid convolution) have a response of exactly 1 at the frequencies a stride-2 up-convolution
+    leaves (the checkerboard (pi, pi) and the stripes (pi, 0), (0, pi)) and 0 at zero frequency and
+    on linear ramps. The value is the RMS of the three responses together: a +-A checkerboard or
+    stripe pattern gives A, white grey noise of standard deviation s about 0.65 s.
+    """
+    gray = (images * _LUMA.to(images).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    high = torch.tensor([1.0, -2.0, 1.0], device=images.device, dtype=images.dtype) / 4
+    low = torch.tensor([1.0, 2.0, 1.0], device=images.device, dtype=images.dtype) / 4
+    kernels = torch.stack([torch.outer(high, high), torch.outer(high, low), torch.outer(low, high)])
+    response = F.conv2d(gray, kernels[:, None])
+    return response.square().sum(dim=1).flatten(1).mean(dim=1).sqrt()
+
+
+def _checkerboard(pred: Tensor, target: Tensor) -> Tensor:
+    return period2_amplitude(pred) * 255.0
+
+
+def _checkerboard_ref(pred: Tensor, target: Tensor) -> Tensor:
+    return period2_amplitude(target) * 255.0
+
+
+def _border_steps(image: Tensor, outside: Tensor, mask: Tensor) -> Tensor:
+    """Per-image mean |image(p) - outside(q)| * 255 over 4-neighbour pairs, p in the hole, q not."""
+    hole = mask > 0.5
+    total = torch.zeros(image.shape[0], dtype=torch.float32, device=image.device)
+    count = torch.zeros_like(total)
+    for dim in (2, 3):
+        size = image.shape[dim]
+        first, second = (slice(0, size - 1), slice(1, size))
+        for p_side, q_side in ((first, second), (second, first)):
+            p_index = [slice(None)] * 4
+            q_index = [slice(None)] * 4
+            p_index[dim], q_index[dim] = p_side, q_side
+            pairs = (hole[tuple(p_index)] & ~hole[tuple(q_index)]).float()
+            step = (image[tuple(p_index)] - outside[tuple(q_index)]).abs().mean(dim=1, keepdim=True)
+            total += (step * pairs).flatten(1).sum(dim=1)
+            count += pairs.flatten(1).sum(dim=1)
+    return total / count.clamp(min=1.0) * 255.0
+
+
+def edge_jump(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-image mean step (0-255) across the hole's border: the fill inside, the original outside."""
+    return _border_steps(to_unit(pred), to_unit(target), mask)
+
+
+def edge_jump_ref(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-image mean step (0-255) across the hole's border in the original: the natural edge."""
+    unit = to_unit(target)
+    return _border_steps(unit, unit, mask)
+
+
+def _hole_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """[B, C, S, S] -> [B, C]: the mean of each channel over each image's hole pixels."""
+    weight = mask.float()
+    return (values * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp(min=1.0)
+
+
+def _saturation(images: Tensor) -> Tensor:
+    """HSV saturation of [B, 3, S, S] images in [0, 1]: (max - min) / max, 0 for black: [B, 1, S, S]."""
+    high, low = images.amax(dim=1, keepdim=True), images.amin(dim=1, keepdim=True)
+    return torch.where(high > 0, (high - low) / high.clamp(min=_EPS), torch.zeros_like(high))
+
+
+def colour_shift(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-image distance (0-255) between the mean RGB of the fill and of the original in the hole."""
+    return (_hole_mean(to_unit(pred), mask) - _hole_mean(to_unit(target), mask)).norm(dim=1) * 255.0
+
+
+def saturation_shift(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-image mean HSV saturation in the hole, fill minus original (negative = greyer fill)."""
+    fill, original = _saturation(to_unit(pred)), _saturation(to_unit(target))
+    return (_hole_mean(fill, mask) - _hole_mean(original, mask))[:, 0]
 
 
 def _masked_mean(error: Tensor, mask: Tensor) -> Tensor:
@@ -127,6 +232,21 @@ def sharpness(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return _per_box(_sharpness, pred, target, mask)
 
 
+def detail(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-image share of the original's Laplacian the fill reproduces, on the hole's box (1 = all)."""
+    return _per_box(_detail, pred, target, mask)
+
+
+def checkerboard(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-image period-2 amplitude (0-255) of the fill on the hole's box."""
+    return _per_box(_checkerboard, pred, target, mask)
+
+
+def checkerboard_ref(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-image period-2 amplitude (0-255) of the original on the hole's box."""
+    return _per_box(_checkerboard_ref, pred, target, mask)
+
+
 def l1(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Per-image mean |pred - target| over the hole, [0, 1] scale."""
     return _masked_mean((to_unit(pred) - to_unit(target)).abs(), mask)
@@ -143,6 +263,13 @@ METRICS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "l1": l1,
     "l2": l2,
     "sharpness": sharpness,
+    "detail": detail,
+    "edge_jump": edge_jump,
+    "edge_jump_ref": edge_jump_ref,
+    "checkerboard": checkerboard,
+    "checkerboard_ref": checkerboard_ref,
+    "colour_shift": colour_shift,
+    "saturation_shift": saturation_shift,
 }
 
 

@@ -7,6 +7,9 @@
   last three epochs both runs logged (`"split": "epoch"` records), the hybrid's generator losses with
   their relative change against Pathak's as the paper prints them: `0.322 (-68%)`.
 - `image_grid`, `loss_curves_png`: the PNG figures (PIL for image grids, matplotlib Agg for curves).
+- `paired_differences`, `sharper_at_equal_psnr`: the paper's claim decided on per-face values: the
+  mean paired difference (hybrid - Pathak) of every hole metric with a seeded bootstrap 95 % interval,
+  and the one-sentence verdict of the rule in `sharper_at_equal_psnr`.
 
 Numbers are printed with three significant digits (`0.0013`, `0.322`, `12.5`).
 """
@@ -25,6 +28,8 @@ from torch import Tensor
 from hybridgan.tracking import read_records
 
 LOSS_KEYS = ("gen_adv_loss", "gen_pixel_loss", "disc_loss")
+BOOTSTRAP_ROUNDS = 10_000
+EQUAL_PSNR_DB = 0.5  # two fills have "equal PSNR" when the 95 % interval of the difference lies within +-this
 LABEL_HEIGHT = 14
 
 
@@ -159,3 +164,66 @@ def loss_curves_png(series: dict[str, list[dict[str, Any]]], path: str | Path, k
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def bootstrap_interval(differences: Sequence[float], seed: int, rounds: int = BOOTSTRAP_ROUNDS,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its percentile bootstrap interval: (mean, low, high).
+
+    Faces are resampled with replacement `rounds` times (numpy, seeded), the mean taken each time;
+    the interval is the central `level` of those means.
+    """
+    values = np.asarray(differences, dtype=np.float64)
+    if values.size == 0:
+        raise ReportError("no paired faces to compare")
+    draws = np.random.default_rng(seed).integers(0, values.size, size=(rounds, values.size))
+    means = values[draws].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(values.mean()), float(low), float(high)
+
+
+def paired_differences(first: dict[str, Sequence[float]], second: dict[str, Sequence[float]],
+                       seed: int) -> dict[str, dict[str, float]]:
+    """Per metric, `first - second` face by face: {"mean", "low", "high", "n"} (95 % bootstrap)."""
+    out = {}
+    for name in first:
+        a, b = np.asarray(first[name], dtype=np.float64), np.asarray(second[name], dtype=np.float64)
+        if a.shape != b.shape:
+            raise ReportError(f"metric {name}: {a.size} faces against {b.size}; the comparison needs the same faces")
+        mean, low, high = bootstrap_interval(a - b, seed)
+        out[name] = {"mean": mean, "low": low, "high": high, "n": int(a.size)}
+    return out
+
+
+def _interval(diff: dict[str, float], unit: str = "") -> str:
+    return f"{diff['mean']:+.3g}{unit} [{diff['low']:+.3g}, {diff['high']:+.3g}]"
+
+
+def sharper_at_equal_psnr(diffs: dict[str, dict[str, float]], first: str = "hybrid", second: str = "Pathak") -> str:
+    """One sentence: is `first` sharper than `second` at equal PSNR?
+
+    The rule: PSNR is equal when the 95 % interval of the PSNR difference lies within
+    +-EQUAL_PSNR_DB; `first` is sharper when the interval of the `detail` difference (recovered
+    fine detail, which noise and checkerboards cannot raise) lies above 0, blurrier when below 0,
+    and neither can be said when it contains 0.
+    """
+    psnr, detail = diffs["psnr"], diffs["detail"]
+    figures = f"(detail {_interval(detail)}, PSNR {_interval(psnr, ' dB')}, {detail['n']} faces, 95 % bootstrap)"
+    equal = -EQUAL_PSNR_DB <= psnr["low"] and psnr["high"] <= EQUAL_PSNR_DB
+    if detail["low"] > 0:
+        verdict = "sharper"
+    elif detail["high"] < 0:
+        verdict = "blurrier"
+    else:
+        verdict = "neither sharper nor blurrier"
+    if equal:
+        return f"At equal PSNR (within +-{EQUAL_PSNR_DB} dB) the {first} fill is {verdict} than the {second} fill {figures}."
+    return (f"The PSNRs are not equal (the interval leaves +-{EQUAL_PSNR_DB} dB), so the claim is not decided at "
+            f"equal PSNR; the {first} fill is {verdict} than the {second} fill {figures}.")
+
+
+def differences_markdown(diffs: dict[str, dict[str, float]], first: str, second: str) -> str:
+    """The paired differences as a table: metric | mean difference | 95 % interval."""
+    rows = [[name, f"{d['mean']:+.4g}", f"[{d['low']:+.4g}, {d['high']:+.4g}]"] for name, d in diffs.items()]
+    return markdown_table(["metric", f"{first} - {second}", "95 % bootstrap interval"], rows)

@@ -102,7 +102,7 @@ def write_report(cfg: Config, timings: list[tuple[str, str]]) -> Path:
         "",
         evaluation.strip(),
         "",
-        "![test faces: masked | runs | original](eval/figure.png)",
+        "![test faces: original | masked | runs | OpenCV Telea, with hole metrics](eval/figure.png)",
         "",
         "![Table 2 losses per epoch](eval/losses.png)",
         "",

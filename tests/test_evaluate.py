@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from stage_runs import free_port, run_stage
-from hybridgan.evaluate import BASELINE, main
+from hybridgan.evaluate import BASELINE, TELEA, main
 from hybridgan.exports import save_export
 from hybridgan.metrics import METRICS
 from hybridgan.models import build_generator
@@ -46,7 +46,7 @@ def test_eval_files_and_values(evaluated):
     results = json.loads((out / "eval.json").read_text())
     assert results["split"] == "test" and results["mask"] == {"kind": "center", "hole_size": 16, "seed": 0}
     rows = {row["name"]: row for row in results["runs"]}
-    assert list(rows) == ["train-hybrid", "train-pathak", BASELINE]
+    assert list(rows) == ["train-hybrid", "train-pathak", BASELINE, TELEA]
     assert rows["train-hybrid"]["discriminator"] == "hybrid" and rows["train-pathak"]["discriminator"] == "pathak"
     for row in rows.values():
         assert row["n"] == 8  # the whole test split (8 images, batches of 3, 3 + 3 + 2)
@@ -57,24 +57,46 @@ def test_eval_files_and_values(evaluated):
     # Two different untrained generators give different fills.
     assert rows["train-hybrid"]["metrics"]["psnr"] != rows["train-pathak"]["metrics"]["psnr"]
     table = (out / "eval.md").read_text().splitlines()
-    assert table[0] == "| run | discriminator | PSNR (dB) | SSIM | L1 | L2 | sharpness | images |"
+    assert table[0] == ("| run | discriminator | PSNR (dB) | SSIM | L1 | L2 | sharpness | detail | edge jump (original) "
+                        "| checkerboard (original) | colour shift | saturation shift | images |")
     assert table[2].startswith("| train-hybrid | hybrid | ") and table[4].startswith(f"| {BASELINE} | - | ")
-    assert table[4].endswith(" | 8 |")
+    assert table[5].startswith(f"| {TELEA} | - | ") and table[5].endswith(" | 8 |")
+    # Telea's classical fill continues the border: a smaller seam than the flat mean-colour fill
+    assert rows[TELEA]["metrics"]["edge_jump"] < rows[BASELINE]["metrics"]["edge_jump"]
+
+
+def test_paired_comparison_of_hybrid_and_pathak(evaluated):
+    out, _ = evaluated
+    results = json.loads((out / "eval.json").read_text())
+    compared = results["comparison"]
+    assert (compared["first"], compared["second"]) == ("train-hybrid", "train-pathak")
+    means = {row["name"]: row["metrics"] for row in results["runs"]}
+    assert set(compared["differences"]) == {m for m in METRICS if not m.endswith("_ref")}
+    for metric, diff in compared["differences"].items():
+        expected = means["train-hybrid"][metric] - means["train-pathak"][metric]
+        assert diff["mean"] == pytest.approx(expected, rel=1e-6, abs=1e-9), metric
+        assert diff["low"] <= diff["mean"] <= diff["high"] and diff["n"] == 8
+    assert compared["verdict"] in (out / "eval.md").read_text()
+    assert compared["verdict"].startswith(("At equal PSNR", "The PSNRs are not equal"))
 
 
 def test_figures(evaluated):
     out, _ = evaluated
     figure = Image.open(out / "figure.png")
-    # 4 columns (masked, 2 runs, original) of 32 px faces shown at 128 px; smoke eval.figure_rows = 4
-    # faces, each a row of faces and a row of zoomed holes; 2 px padding, 14 px of labels.
-    assert figure.size == (4 * 128 + 5 * 2, 14 + 8 * 128 + 9 * 2)
+    # 5 columns (original, masked, 2 runs, Telea) of 32 px faces shown at 128 px; smoke
+    # eval.figure_rows = 4 faces, each cell a face above its zoomed hole above 3 caption lines
+    # (12 px each + 2); 2 px padding, 14 px of labels.
+    cell = 2 * 128 + 3 * 12 + 2
+    assert figure.size == (5 * 128 + 6 * 2, 14 + 4 * cell + 5 * 2)
     pixels = torch.from_numpy(np.asarray(figure.convert("RGB")).copy())
-    original_col = pixels[14 + 2:14 + 2 + 128, 2 + 3 * 130:2 + 3 * 130 + 128]
-    masked_col = pixels[14 + 2:14 + 2 + 128, 2:2 + 128]
+    original_col = pixels[14 + 2:14 + 2 + 128, 2:2 + 128]
+    masked_col = pixels[14 + 2:14 + 2 + 128, 2 + 130:2 + 130 + 128]
     # Masked and original agree outside the hole (centre 64x64 of the 128 cell) and differ inside.
     assert torch.equal(masked_col[:32], original_col[:32])
     assert not torch.equal(masked_col[32:96, 32:96], original_col[32:96, 32:96])
     assert (masked_col[32:96, 32:96] == 128).all()  # the hole is 0 in [-1, 1]: mid-grey
+    captions = pixels[14 + 2 + 256:14 + 2 + cell, 2 + 2 * 130:2 + 2 * 130 + 128]
+    assert (captions < 100).any() and (captions == 255).float().mean() > 0.7  # text on white
     losses = Image.open(out / "losses.png")
     assert losses.format == "PNG" and losses.size[0] > 600
 
@@ -88,7 +110,7 @@ def test_same_numbers_when_run_again(evaluated, tmp_path):
     assert again["runs"][0]["metrics"] == pytest.approx(first["runs"][0]["metrics"], rel=1e-5)
     assert again["runs"][1]["metrics"] == pytest.approx(first["runs"][2]["metrics"], rel=1e-5)
     assert main([str(hybrid), "--max-batches", "1", "--batch-size", "3", "--out", str(tmp_path)]) == 0
-    assert [row["n"] for row in json.loads((tmp_path / "eval.json").read_text())["runs"]] == [3, 3]
+    assert [row["n"] for row in json.loads((tmp_path / "eval.json").read_text())["runs"]] == [3, 3, 3]
 
 
 def test_errors_name_the_path(evaluated, tmp_path, capsys):
@@ -132,3 +154,24 @@ def test_a_centre_hole_generator_is_not_evaluated_on_other_holes(tiny_shards, tm
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line == (f"error: {centre / 'generator.safetensors'}: fills only a central 16x16 hole, but the "
                     f"evaluation uses mask.kind=random_box, mask.hole_size=16 (from {box / 'generator.safetensors'})")
+
+
+def test_a_folder_of_photos_of_any_size(evaluated, tmp_path, capsys):
+    out, _ = evaluated
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for index, (width, height) in enumerate([(40, 30), (33, 57), (128, 128), (21, 21), (64, 48)]):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photos / f"p{index}.png")
+    (photos / "readme.txt").write_text("not a photo")
+    runs = [str(out.parent / "train-hybrid"), str(out.parent / "train-pathak")]
+    assert main([*runs, "--photos", str(photos), "--batch-size", "2", "--out", str(tmp_path / "e")]) == 0
+    results = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert results["split"] == f"photos:{photos}" and [row["n"] for row in results["runs"]] == [5, 5, 5, 5]
+    assert results["comparison"]["differences"]["psnr"]["n"] == 5
+    (photos / "p9.jpg").write_bytes(b"not a jpeg")
+    capsys.readouterr()
+    assert main([*runs, "--photos", str(photos), "--out", str(tmp_path / "f")]) == 2
+    [line] = [text for text in capsys.readouterr().err.splitlines() if "error" in text]
+    assert line.startswith(f"error: {photos / 'p9.jpg'}: not a readable image")
+    assert not (tmp_path / "f").exists()

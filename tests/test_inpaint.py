@@ -117,3 +117,71 @@ def test_missing_generator(workdir, capsys):
     assert f"{empty}: no generator.safetensors" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--generator", str(empty), str(workdir / "face.png"), "--out", "x", "--box", "1,2,3"])
+
+
+def test_a_folder_with_keep_names(workdir, capsys):
+    photos = workdir / "photos"
+    photos.mkdir()
+    for name in ("face.png", "other.png"):
+        (photos / name).write_bytes((workdir / name).read_bytes())
+    (photos / "notes.txt").write_text("not a photo")
+    out = workdir / "out-kept"
+    gen = str(workdir / "runs/tiny/train-hybrid")
+    assert main(["--generator", gen, str(photos), "--out", str(out), "--keep-names"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["face.png", "other.png"]
+    mask = default_mask(load_config(None, TINY), WIDTH, HEIGHT)
+    changed_only_inside(out / "face.png", photos / "face.png", mask)
+    changed_only_inside(out / "other.png", photos / "other.png", mask)
+    # the same fill as the default naming writes
+    assert main(["--generator", gen, str(photos / "face.png"), "--out", str(workdir / "out-named")]) == 0
+    assert np.array_equal(read(out / "face.png"), read(workdir / "out-named" / "face_inpainted.png"))
+    capsys.readouterr()
+    assert main(["--generator", gen, str(photos), "--out", str(photos), "--keep-names"]) == 2
+    assert "--keep-names would overwrite it" in capsys.readouterr().err
+    assert read(photos / "face.png").tolist() == read(workdir / "face.png").tolist()
+
+
+def fake_checkpoint(stage: Path, step: int, state: dict[str, torch.Tensor], cfg, name: str = "model.safetensors") -> Path:
+    """The files of `accelerator.save_state` that export reads: config.yaml, step-N/model*, latest."""
+    from safetensors.torch import save_file
+
+    from hybridgan.config import save_config
+
+    folder = stage / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    save_config(cfg, stage / "config.yaml")
+    if name.endswith(".bin"):
+        torch.save(state, folder / name)
+    else:
+        save_file({f"_orig_mod.{k}": v.contiguous() for k, v in state.items()}, str(folder / name))
+    (stage / "checkpoints" / "latest").write_text(folder.name)
+    return folder
+
+
+def test_export_from_a_checkpoint_mid_run(workdir, capsys):
+    from hybridgan.export import main as export_main
+    from hybridgan.exports import load_export
+
+    cfg = load_config(None, TINY)
+    stage = workdir / "runs" / "mid" / "train-pathak"
+    early, late = (build_generator(cfg).state_dict() for _ in range(2))
+    fake_checkpoint(stage, 10, early, cfg)
+    fake_checkpoint(stage, 20, late, cfg, name="pytorch_model.bin")
+    assert export_main([str(stage)]) == 0
+    latest = stage / "generator-step-00000020.safetensors"
+    assert capsys.readouterr().out.strip() == str(latest)
+    state, saved_cfg = load_export(latest, "generator")
+    assert all(torch.equal(state[k], late[k]) for k in late) and saved_cfg == cfg
+    assert export_main([str(stage), "--step", "10", "--out", str(workdir / "g10.safetensors")]) == 0
+    state, _ = load_export(workdir / "g10.safetensors", "generator")
+    assert all(torch.equal(state[k], early[k]) for k in early)
+    # the export is what inpaint takes
+    assert main(["--generator", str(latest), str(workdir / "face.png"), "--out", str(workdir / "out-mid")]) == 0
+    capsys.readouterr()
+    assert export_main([str(stage), "--step", "30"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {stage / 'checkpoints' / 'step-00000030'}: no such "
+                                               "checkpoint (have: step-00000010, step-00000020)")
+    wrong = workdir / "runs" / "wrong" / "train-hybrid"
+    fake_checkpoint(wrong, 5, early, load_config(None, TINY[:-1] + ["generator.bottleneck=16"]))
+    assert export_main([str(wrong)]) == 2
+    assert "weights do not fit the generator of" in capsys.readouterr().err

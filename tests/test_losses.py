@@ -7,13 +7,13 @@ import torch
 
 from hybridgan.config import DiscriminatorConfig, GeneratorConfig, LossConfig
 from hybridgan.losses import (
-    adversarial_loss, blur_discriminator_loss, discriminator_joint_loss, fake_loss, generator_joint_loss,
-    pixel_loss, real_loss,
+    adversarial_loss, blur_discriminator_loss, border_weights, discriminator_joint_loss, fake_loss,
+    generator_joint_loss, pixel_loss, real_loss,
 )
 from hybridgan.models import ContextEncoder, DiscOutput, HybridDiscriminator, PathakDiscriminator
 
 # distinct weights, so that a swapped weight shows up in the value
-CFG = LossConfig(alpha=0.9, beta=0.1, gamma=0.3, epsilon=0.7, global_weight=0.25, pixel_weight=0.75)
+CFG = LossConfig(alpha=0.9, beta=0.1, gamma=0.3, epsilon=0.7, global_weight=0.25, pixel_weight=0.75, overlap=0)
 GLOBAL = torch.tensor([0.2, 0.6])
 PIXEL = torch.tensor([[[[0.0, 0.5], [1.0, 0.25]]], [[[0.5, 0.5], [0.0, 1.0]]]])  # [2, 1, 2, 2]
 HOLE = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
@@ -53,6 +53,32 @@ def test_generator_joint_loss_eq3() -> None:
     assert losses.pixel.item() == 0.75
     assert losses.adv.item() == pytest.approx(0.410546875, abs=1e-7)
     assert losses.joint.item() == pytest.approx(0.9 * 0.75 + 0.1 * 0.410546875, abs=1e-6)  # 0.7160546875
+
+
+def test_border_weights_mark_a_band_inside_the_hole() -> None:
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 1:7, 1:7] = 1.0  # a 6x6 hole: a 1-px band of 20 pixels around a 4x4 core
+    weights = border_weights(mask, band=1, weight=10.0)
+    assert weights[0, 0, 0].tolist() == [0.0] * 8 and weights[0, 0, 1, 1:7].tolist() == [10.0] * 6
+    assert torch.equal(weights[0, 0, 2:6, 2:6], torch.ones(4, 4))
+    assert weights.sum().item() == 20 * 10 + 16
+    assert torch.equal(border_weights(mask, band=0, weight=10.0), mask)
+    edge = torch.zeros(1, 1, 4, 4)
+    edge[..., :, :2] = 1.0  # a hole on the image's left edge: only its right side meets the context
+    assert border_weights(edge, band=1, weight=5.0)[0, 0].tolist() == [[1.0, 5.0, 0.0, 0.0]] * 4
+
+
+def test_overlap_weighted_pixel_loss_trains_the_border_harder() -> None:
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 1:7, 1:7] = 1.0
+    real, fake = torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    fake[..., 1, 1:7] = 1.0  # error 1 on the 6 pixels of the band's top row only
+    cfg = LossConfig(alpha=1.0, beta=0.0, overlap=1, overlap_weight=10.0)
+    losses = generator_joint_loss(real, fake, PATHAK, cfg, mask)
+    assert losses.pixel.item() == pytest.approx(6 / 36)  # the logged gen_pixel_loss: plain hole mean
+    assert losses.joint.item() == pytest.approx(6 * 10 / (20 * 10 + 16))  # weighted mean
+    plain = generator_joint_loss(real, fake, PATHAK, LossConfig(alpha=1.0, beta=0.0, overlap=0), mask)
+    assert plain.joint.item() == pytest.approx(6 / 36)
 
 
 def test_real_loss_eq4() -> None:
@@ -127,3 +153,49 @@ def test_d_step_and_g_step_touch_only_their_own_parameters(kind: str) -> None:
     optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(disc.parameters(), disc_before))
     assert all(not torch.equal(p, q) for p, q in zip(gen.parameters(), gen_before))
+
+
+# The generator's seam and checkerboard options (hybridgan/models/generator.py).
+
+def test_resize_upsampling_leaves_less_period2_pattern_than_transposed_convs() -> None:
+    from hybridgan.metrics import period2_amplitude
+
+    masked, mask = torch.rand(8, 3, 64, 64) * 2 - 1, torch.zeros(8, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    share = {}
+    for upsample in ("transposed", "resize"):
+        values = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            gen = ContextEncoder(GeneratorConfig(base_channels=16, bottleneck=64, upsample=upsample), 64, 32)
+            with torch.no_grad():
+                prediction = gen.predict(masked * (1 - mask), mask)
+            assert prediction.shape == (8, 3, 32, 32)
+            values.append((period2_amplitude(prediction) / prediction.std()).mean().item())
+        share[upsample] = sum(values) / 3
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in list(gen.decoder)[3:])
+    # at initialisation a transposed-conv decoder's output is about 23 % period-2 pattern, a resize one 8 %
+    assert share["resize"] < share["transposed"] / 2
+
+
+def test_seam_blend_removes_a_step_along_the_border_and_keeps_the_context() -> None:
+    from hybridgan.metrics import hole_metrics
+    from hybridgan.models.generator import seam_correction
+
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1.0
+    rows = torch.arange(32).float().view(1, 1, 32, 1)
+    context = (rows / 64 - 0.25).expand(2, 3, 32, 32)  # a vertical ramp
+    detail = 0.1 * (torch.arange(32) % 2).float()  # stripes finer than the blend radius
+    fill = context + 0.4 + detail  # the right ramp and detail, 0.4 too bright: a hard seam
+    corrected = fill + seam_correction(fill, context * (1 - mask), mask, radius=4.0)
+    before = hole_metrics(fill * mask + context * (1 - mask), context, mask)
+    after = hole_metrics(corrected * mask + context * (1 - mask), context, mask)
+    assert before["edge_jump"].min() > 45 and after["edge_jump"].max() < 8
+    assert after["colour_shift"].max() < 8  # the offset is gone, not only at the border
+    inner = (corrected - context)[..., 12:20, 12:20]
+    assert (inner[..., :, 1::2] - inner[..., :, ::2]).mean().item() == pytest.approx(0.1, abs=0.01)  # detail kept
+    torch.manual_seed(0)
+    gen = ContextEncoder(GeneratorConfig(base_channels=8, bottleneck=16, seam_blend=4.0), 32, 16)
+    out = gen(context * (1 - mask), mask)
+    assert torch.equal(out * (1 - mask), context * (1 - mask))  # the known pixels exactly

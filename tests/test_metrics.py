@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,10 @@ import torch.nn.functional as F
 from hybridgan.metrics import (
     METRICS, PSNR_CEILING, HoleMetrics, hole_box, hole_metrics, mean_fill,
 )
-from hybridgan.report import markdown_table, read_metrics, table1, table2, ReportError
+from hybridgan.report import (
+    ReportError, bootstrap_interval, markdown_table, paired_differences, read_metrics, sharper_at_equal_psnr,
+    table1, table2,
+)
 
 
 def centre_mask(batch: int, size: int, hole: int) -> torch.Tensor:
@@ -35,11 +39,18 @@ def faces(batch: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
 def test_identical_images_hit_the_ceiling():
     image, mask = faces(), centre_mask(4, 32, 16)
     values = hole_metrics(image, image.clone(), mask)
-    assert set(values) == set(METRICS) == {"psnr", "ssim", "l1", "l2", "sharpness"}
+    assert set(values) == set(METRICS) == {
+        "psnr", "ssim", "l1", "l2", "sharpness", "detail", "edge_jump", "edge_jump_ref",
+        "checkerboard", "checkerboard_ref", "colour_shift", "saturation_shift"}
     assert torch.equal(values["psnr"], torch.full((4,), PSNR_CEILING))
     assert torch.allclose(values["ssim"], torch.ones(4), atol=1e-5)
     assert torch.equal(values["l1"], torch.zeros(4)) and torch.equal(values["l2"], torch.zeros(4))
     assert torch.allclose(values["sharpness"], torch.ones(4))
+    assert torch.allclose(values["detail"], torch.ones(4))
+    assert torch.allclose(values["edge_jump"], values["edge_jump_ref"])
+    assert torch.allclose(values["checkerboard"], values["checkerboard_ref"])
+    assert torch.equal(values["colour_shift"], torch.zeros(4))
+    assert torch.equal(values["saturation_shift"], torch.zeros(4))
 
 
 def test_gaussian_noise_gives_the_expected_psnr():
@@ -65,6 +76,76 @@ def test_pixels_outside_the_hole_do_not_count():
     after = hole_metrics(pred * mask + garbage * (1 - mask), target, mask)
     for name in METRICS:
         assert torch.equal(before[name], after[name]), name
+
+
+def unit(image01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images to the [-1, 1] scale the metrics take."""
+    return image01 * 2 - 1
+
+
+def test_edge_jump_of_a_flat_seam_and_of_a_ramp():
+    mask = centre_mask(1, 32, 16)
+    grey = torch.full((1, 3, 32, 32), 0.5)
+    patch = grey * (1 - mask) + 0.7 * mask  # the hole 0.2 brighter: a hard seam of 51 grey levels
+    values = hole_metrics(unit(patch), unit(grey), mask)
+    assert values["edge_jump"].item() == pytest.approx(0.2 * 255, abs=1e-3)
+    assert values["edge_jump_ref"].item() == pytest.approx(0.0, abs=1e-6)
+    # A ramp of 4 grey levels per column: steps of 4 across the left and right borders, 0 across
+    # the top and bottom ones, 16 pairs each: mean 2. An exact fill matches it.
+    ramp = (torch.arange(32).float() * 4 / 255).expand(1, 3, 32, 32)
+    values = hole_metrics(unit(ramp), unit(ramp), mask)
+    assert values["edge_jump_ref"].item() == pytest.approx(2.0, abs=1e-3)
+    assert values["edge_jump"].item() == pytest.approx(2.0, abs=1e-3)
+
+
+def checker(size: int, amplitude: float) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return (amplitude * (1 - 2 * ((rows + cols) % 2)).float()).expand(1, 3, size, size)
+
+
+def test_checkerboard_measures_the_period2_amplitude():
+    mask = centre_mask(1, 32, 16)
+    smooth = F.interpolate(torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.4 + 0.3,
+                           size=32, mode="bilinear", align_corners=False)
+    chequered = smooth + checker(32, 10 / 255)
+    stripes = smooth + (10 / 255 * (1 - 2 * (torch.arange(32) % 2))).float().expand(1, 3, 32, 32)
+    noisy = smooth + 10 / 255 * torch.randn(smooth.shape, generator=torch.Generator().manual_seed(1))
+    assert hole_metrics(unit(smooth), unit(smooth), mask)["checkerboard"].item() < 1.0
+    values = hole_metrics(unit(chequered), unit(smooth), mask)
+    assert values["checkerboard"].item() == pytest.approx(10.0, abs=0.2)
+    assert values["checkerboard_ref"].item() < 1.0
+    assert hole_metrics(unit(stripes), unit(smooth), mask)["checkerboard"].item() == pytest.approx(10.0, abs=0.2)
+    # white noise of the same strength per channel: 0.67 * 10 in grey, of which the filters keep 0.65
+    assert 3.5 < hole_metrics(unit(noisy), unit(smooth), mask)["checkerboard"].item() < 5.5
+
+
+def test_detail_is_not_fooled_by_noise_or_checkerboard():
+    mask = centre_mask(4, 32, 16)
+    original = (faces(seed=5) + 1) / 2
+    blurred = F.avg_pool2d(F.pad(original, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    noise = 0.1 * torch.randn(original.shape, generator=torch.Generator().manual_seed(6))
+    score = {name: hole_metrics(unit(image), unit(original), mask) for name, image in {
+        "exact": original, "blurred": blurred, "blurred+noise": blurred + noise,
+        "exact+checker": original + checker(32, 0.03), "flat": torch.full_like(original, 0.5)}.items()}
+    assert torch.allclose(score["exact"]["detail"], torch.ones(4))
+    assert (score["blurred"]["detail"] < 0.6).all()
+    assert torch.allclose(score["blurred+noise"]["detail"], score["blurred"]["detail"], atol=0.1)
+    assert score["exact+checker"]["detail"].mean().item() == pytest.approx(1.0, abs=0.1)
+    assert torch.allclose(score["flat"]["detail"], torch.zeros(4), atol=1e-6)
+    # the Laplacian-variance ratio is fooled: noise and a checkerboard read as extra sharpness
+    assert (score["blurred+noise"]["sharpness"] > 1).all() and (score["exact+checker"]["sharpness"] > 1.5).all()
+
+
+def test_colour_and_saturation_shift():
+    mask = centre_mask(1, 32, 16)
+    original = torch.tensor([0.8, 0.4, 0.2]).view(1, 3, 1, 1).expand(1, 3, 32, 32)  # saturation 0.75
+    redder = original + torch.tensor([12 / 255, 0, 0]).view(1, 3, 1, 1) * mask
+    grey = original * (1 - mask) + 0.5 * mask
+    values = hole_metrics(unit(redder), unit(original), mask)
+    assert values["colour_shift"].item() == pytest.approx(12.0, abs=1e-3)
+    values = hole_metrics(unit(grey), unit(original), mask)
+    assert values["saturation_shift"].item() == pytest.approx(-0.75, abs=1e-5)
+    assert values["colour_shift"].item() == pytest.approx(255 * math.dist((0.8, 0.4, 0.2), (0.5,) * 3), abs=1e-3)
 
 
 def test_per_image_boxes_for_random_holes():
@@ -189,3 +270,33 @@ def test_report_errors_name_the_file(tmp_path):
         read_metrics(stage)
     (stage / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "spl')  # killed mid-write
     assert read_metrics(stage) == [{"step": 1}]
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_mean():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 2.0, size=400)
+    mean, low, high = bootstrap_interval(values, seed=3)
+    assert mean == pytest.approx(values.mean())
+    # the percentile interval of a mean of 400 draws: about +-1.96 * 2 / 20 = +-0.196 around it
+    assert high - low == pytest.approx(2 * 1.96 * values.std() / 20, rel=0.1)
+    assert low < mean < high
+    assert bootstrap_interval(values, seed=3) == (mean, low, high)
+    assert bootstrap_interval([0.5] * 10, seed=0) == (0.5, 0.5, 0.5)
+
+
+def test_paired_differences_and_the_verdict():
+    faces = 200
+    rng = np.random.default_rng(1)
+    pathak = {"psnr": rng.normal(20, 2, faces), "detail": rng.normal(0.3, 0.1, faces)}
+    sharper = {"psnr": pathak["psnr"] + rng.normal(0, 0.1, faces), "detail": pathak["detail"] + 0.05}
+    diffs = paired_differences(sharper, pathak, seed=0)
+    assert diffs["detail"]["mean"] == pytest.approx(0.05) and diffs["detail"]["low"] == pytest.approx(0.05)
+    assert diffs["psnr"]["n"] == faces and abs(diffs["psnr"]["mean"]) < 0.05
+    assert sharper_at_equal_psnr(diffs).startswith("At equal PSNR (within +-0.5 dB) the hybrid fill is sharper than")
+    same = {"psnr": sharper["psnr"], "detail": pathak["detail"] + rng.normal(0, 0.05, faces)}
+    assert " is neither sharper nor blurrier than " in sharper_at_equal_psnr(paired_differences(same, pathak, 0))
+    worse = {"psnr": pathak["psnr"] - 2, "detail": pathak["detail"] - 0.05}
+    verdict = sharper_at_equal_psnr(paired_differences(worse, pathak, 0))
+    assert verdict.startswith("The PSNRs are not equal") and " is blurrier than " in verdict
+    with pytest.raises(ReportError, match="metric psnr: 3 faces against 200"):
+        paired_differences({"psnr": [1, 2, 3]}, pathak, 0)

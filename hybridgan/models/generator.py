@@ -1,8 +1,11 @@
 """Pathak et al.'s context encoder (CVPR 2016), the generator G of eq. 1-3.
 
 Encoder: 4x4 stride-2 convs (BatchNorm, LeakyReLU 0.2) from the image size down to 4x4, then a 4x4
-conv to a 1x1 bottleneck of `cfg.bottleneck` channels (Pathak: 4000). Decoder: 4x4 transposed convs
-(BatchNorm, ReLU) back up to `output_size`, tanh. Channel widths follow Pathak's code: base, base,
+conv to a 1x1 bottleneck of `cfg.bottleneck` channels (Pathak: 4000). Decoder: a 4x4 transposed conv
+to 4x4, then x2 steps (BatchNorm, ReLU) back up to `output_size`, tanh. Each x2 step is, by
+`cfg.upsample`, Pathak's 4x4 stride-2 transposed conv (`transposed`) or a nearest-neighbour x2 resize
+followed by a 3x3 conv (`resize`, Odena et al. 2016), which cannot produce the checkerboard that the
+uneven overlap of transposed-conv kernels leaves. Channel widths follow Pathak's code: base, base,
 2*base, 4*base, 8*base (capped at 8*base) on the way down, the mirror on the way up. With base 64,
 bottleneck 4000, 128x128 in and 64x64 out this is Pathak's 71.1 M-parameter network.
 """
@@ -28,6 +31,13 @@ def _width(base: int, doublings: int) -> int:
     return base * 2 ** min(max(doublings, 0), 3)
 
 
+def _up(in_channels: int, out_channels: int, upsample: str) -> list[nn.Module]:
+    """One x2 upsampling conv of the decoder, without normalisation or activation."""
+    if upsample == "resize":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)]
+    return [nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=False)]
+
+
 def init_dcgan_weights(module: nn.Module) -> None:
     """DCGAN/Pathak initialisation: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02), shift 0."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -35,6 +45,50 @@ def init_dcgan_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+_CROSS = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+@torch.compiler.disable  # a per-image loop over data-dependent shapes: eager, also in a compiled G
+def seam_correction(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Tensor:
+    """A smooth field inside the hole that removes the fill's mismatch with the context at the border.
+
+    For each hole pixel p touching known pixels, the mismatch is the mean of its known 4-neighbours
+    minus the fill at p. Every hole pixel gets the mismatches of all border pixels b averaged with
+    weights 1 / (|p - b|^2 + radius^2) (Shepard interpolation): a step that runs along the border
+    (the square seam) is removed, while detail finer than `radius` pixels averages out and stays.
+    [B, 3, S, S] in, the correction (0 outside the hole) out, in `filled`'s dtype (computed in
+    float32); differentiable in `filled`.
+    """
+    dtype = filled.dtype
+    with torch.autocast(filled.device.type, enabled=False):  # float32 throughout, also under autocast
+        correction = _shepard(filled.float(), masked.float(), mask, radius)
+    return correction.to(dtype)
+
+
+def _shepard(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Tensor:
+    """The float32 body of `seam_correction`."""
+    hole = mask[:, :1].float()
+    known = 1.0 - hole
+    cross = _CROSS.to(filled).view(1, 1, 3, 3)
+    count = nn.functional.conv2d(known, cross, padding=1)
+    outside = nn.functional.conv2d((masked * known).flatten(0, 1)[:, None], cross, padding=1).view_as(masked)
+    border = (hole > 0.5) & (count > 0)
+    mismatch = outside / count.clamp(min=1.0) - filled
+    correction = torch.zeros_like(filled)
+    size = filled.shape[-1]
+    for index in range(filled.shape[0]):
+        inside = torch.nonzero(hole[index, 0] > 0.5).to(filled.dtype)
+        edge = torch.nonzero(border[index, 0])
+        if inside.numel() == 0 or edge.numel() == 0:
+            continue
+        weights = 1.0 / (torch.cdist(inside, edge.to(filled.dtype)).square() + radius**2)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        values = mismatch[index][:, edge[:, 0], edge[:, 1]]  # [3, E]
+        flat = inside[:, 0].long() * size + inside[:, 1].long()
+        correction[index].view(3, -1)[:, flat] = values @ weights.T
+    return correction
 
 
 class ContextEncoder(nn.Module):
@@ -51,6 +105,7 @@ class ContextEncoder(nn.Module):
                  output_size: int | None = None) -> None:
         super().__init__()
         self.image_size, self.hole_size = image_size, hole_size
+        self.seam_blend = cfg.seam_blend
         self.output_size = hole_size if output_size is None else output_size
         if self.output_size not in (hole_size, image_size):
             raise ValueError(f"output_size={self.output_size} must be the hole size {hole_size} "
@@ -69,9 +124,9 @@ class ContextEncoder(nn.Module):
         top = _width(base, up - 1)
         layers = [WholeOutputConvTranspose2d(cfg.bottleneck, top, 4), nn.BatchNorm2d(top), nn.ReLU(True)]
         for i in range(up - 1, 0, -1):
-            layers += [nn.ConvTranspose2d(_width(base, i), _width(base, i - 1), 4, 2, 1, bias=False),
+            layers += [*_up(_width(base, i), _width(base, i - 1), cfg.upsample),
                        nn.BatchNorm2d(_width(base, i - 1)), nn.ReLU(True)]
-        layers += [nn.ConvTranspose2d(base, 3, 4, 2, 1, bias=False), nn.Tanh()]
+        layers += [*_up(base, 3, cfg.upsample), nn.Tanh()]
         self.decoder = nn.Sequential(*layers)
         self.apply(init_dcgan_weights)
 
@@ -88,6 +143,12 @@ class ContextEncoder(nn.Module):
         return nn.functional.pad(prediction, pad)
 
     def forward(self, masked: Tensor, mask: Tensor) -> Tensor:
-        """mask * prediction + (1 - mask) * masked: [B, 3, S, S], the known pixels kept exactly."""
+        """mask * prediction + (1 - mask) * masked: [B, 3, S, S], the known pixels kept exactly.
+
+        With `seam_blend` > 0 the prediction is first corrected by `seam_correction` (then clamped
+        to [-1, 1]), so that it meets the context without a step along the hole's border.
+        """
         canvas = self.to_canvas(self.predict(masked, mask))
+        if self.seam_blend > 0:
+            canvas = (canvas + seam_correction(canvas, masked, mask, self.seam_blend)).clamp(-1.0, 1.0)
         return mask * canvas + (1 - mask) * masked
