@@ -48,6 +48,10 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 
 STAGES = ("pretrain", "train")
 
+DEFAULT_RATE_SIZE = {"cpu": 2048, "cuda": 8192}
+"""Matmul side N (N x N @ N x N) of the machine-rate measurement per device type; the 3x3
+convolution is batch 16 N/2048 x 256 channels x 32x32 (the CPU default is 16 x 256 x 32x32)."""
+
 
 class PhaseTimer:
     """Wall seconds per named phase. On CUDA it synchronises at each phase's start and end, so that
@@ -89,6 +93,56 @@ def device_name(device: torch.device) -> str:
 def peak_flops(name: str) -> float | None:
     """The device's dense bf16 peak from PEAK_BF16_FLOPS, None when unknown (every CPU)."""
     return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine_rates(device: torch.device, size: int, repeats: int = 3) -> dict[str, Any]:
+    """What this device does at its best, now, with the threads in use: GFLOP/s of a `size`-square
+    matmul in fp32 and bf16, and of a 3x3 convolution (forward, no grad) in fp32 and bf16 (autocast),
+    NCHW and channels_last. `best_matmul_gflops` is the faster of the two matmuls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates: dict[str, Any] = {"threads": torch.get_num_threads(), "matmul_size": size}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        rates[f"matmul_{name}_gflops"] = round(2 * size**3 / _best_seconds(lambda: a @ b, repeats, sync) / 1e9, 1)
+    batch, channels, side = max(1, 16 * size // 2048), 256, 32
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device)
+    image = torch.randn(batch, channels, side, side, device=device)
+    conv_flops = 2 * batch * channels * channels * 9 * side * side
+    rates["conv3x3_shape"] = [batch, channels, side, side]
+    for layout, memory_format in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        conv, image = conv.to(memory_format=memory_format), image.contiguous(memory_format=memory_format)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            def forward() -> Any:
+                with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    return conv(image)
+            rates[f"conv3x3_{name}_{layout}_gflops"] = round(conv_flops / _best_seconds(forward, repeats, sync) / 1e9, 1)
+    best = max(("fp32", "bf16"), key=lambda name: rates[f"matmul_{name}_gflops"])
+    rates["best_matmul_precision"], rates["best_matmul_gflops"] = best, rates[f"matmul_{best}_gflops"]
+    return rates
+
+
+def vs_machine(figures: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Add to a stage's `figures` the machine's rates measured right before and after it, and its
+    GFLOP/s as a fraction of the best matmul rate: the higher of the two measurements, so that a
+    load that came or went during the run makes the fraction smaller, never larger."""
+    best = max(before["best_matmul_gflops"], after["best_matmul_gflops"])
+    figures["machine"] = {"before": before, "after": after, "best_matmul_gflops": best}
+    figures["achieved_gflops"] = round(figures["achieved_tflops"] * 1000, 1)
+    figures["vs_best_matmul"] = round(figures["achieved_tflops"] * 1000 / best, 3)
 
 
 def step_flops(stage: str, job: Any, session: TrainingSession, cfg: Config) -> dict[str, Any]:
@@ -247,8 +301,11 @@ def _stage_job(cfg: Config, stage: str, timer: PhaseTimer) -> tuple[TrainingSess
     return session, job, job.step
 
 
-def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "synthetic") -> dict[str, Any]:
-    """Time `steps` steps of `stage` ("pretrain" or "train") after `warmup` untimed ones; the figures.
+def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "synthetic",
+                rate_size: int = 0) -> dict[str, Any]:
+    """Time `steps` steps of `stage` ("pretrain" or "train") after `warmup` untimed ones; the figures,
+    with the machine's matmul and convolution rates measured right before and after the timed steps
+    (`rate_size`: the matmul side, 0 for the device's DEFAULT_RATE_SIZE).
 
     `cfg.run.root` should be a throwaway folder: the session writes its stage folder there.
     """
@@ -266,6 +323,8 @@ def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "s
     next_batch = timer.wrap("data_wait", lambda: next(batches))
     for _ in range(warmup):
         step(next_batch())
+    rate_size = rate_size or DEFAULT_RATE_SIZE.get(session.device.type, DEFAULT_RATE_SIZE["cpu"])
+    before = machine_rates(session.device, rate_size)
     timer.seconds.clear()
     timer.sync()
     start = time.perf_counter()
@@ -273,8 +332,11 @@ def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "s
         losses = step(next_batch())
     timer.sync()
     seconds = time.perf_counter() - start
+    after = machine_rates(session.device, rate_size)
     session.close()
-    return _figures(cfg, stage, session, timer, flops, steps, warmup, seconds, data, losses)
+    figures = _figures(cfg, stage, session, timer, flops, steps, warmup, seconds, data, losses)
+    vs_machine(figures, before, after)
+    return figures
 
 
 def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTimer, flops: dict[str, Any],
@@ -312,7 +374,7 @@ def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTime
 _COLUMNS = (("stage", "stage"), ("D", "discriminator"), ("prec", "precision"), ("batch", "batch_size"),
             ("size", "image_size"), ("img/s", "images_per_s"), ("step ms", "step_ms"),
             ("data ms", "data_wait_ms"), ("D ms", "d_phase_ms"), ("G ms", "g_phase_ms"),
-            ("GFLOP/img", "gflop"), ("TFLOP/s", "achieved_tflops"), ("MFU", "mfu"),
+            ("GFLOP/img", "gflop"), ("GFLOP/s", "achieved_gflops"), ("x matmul", "vs_best_matmul"), ("MFU", "mfu"),
             ("host MiB", "peak_host_mib"), ("GPU MiB", "peak_gpu_mib"), ("x paper", "vs_paper"))
 
 
@@ -328,6 +390,14 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
              f"{first['steps']} timed steps after {first['warmup']} warm-up",
              "  ".join(f"{title:>9}" for title, _ in _COLUMNS)]
     lines += ["  ".join(f"{cell(row, key):>9}" for _, key in _COLUMNS) for row in rows]
+    for row in rows:
+        before, after = row["machine"]["before"], row["machine"]["after"]
+        lines.append(f"{row['stage']}: machine before/after, GFLOP/s: matmul fp32 {before['matmul_fp32_gflops']}/"
+                     f"{after['matmul_fp32_gflops']}, bf16 {before['matmul_bf16_gflops']}/{after['matmul_bf16_gflops']}; "
+                     f"conv3x3 bf16 NCHW {before['conv3x3_bf16_nchw_gflops']}/{after['conv3x3_bf16_nchw_gflops']}, "
+                     f"channels_last {before['conv3x3_bf16_channels_last_gflops']}/"
+                     f"{after['conv3x3_bf16_channels_last_gflops']}; x matmul = step GFLOP/s / "
+                     f"{row['machine']['best_matmul_gflops']} (the best matmul rate)")
     lines.append(f"paper reference: {PAPER_IMAGES_PER_S:.0f} img/s (20 epochs of 28,000 images in 45 min on "
                  f"one RTX 3090); GFLOP/img: one training step, backward taken as 2x forward "
                  f"(pretrain 3 D, train 4 G + 8 D forward passes)")
@@ -355,7 +425,7 @@ def run_stages(args: argparse.Namespace) -> int:
             if args.command == "all":
                 result["loader"] = time_loader(cfg, cfg.data.workers, args.steps, cfg.train.batch_size)
             for stage in stages:
-                result[stage] = bench_stage(cfg, stage, args.steps, args.warmup, args.data)
+                result[stage] = bench_stage(cfg, stage, args.steps, args.warmup, args.data, args.rate_size)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -392,6 +462,8 @@ def _add_stages(subparsers: Any) -> None:
         parser.add_argument("--batch-size", type=_count(0), default=0, help="default: the stage's batch_size")
         parser.add_argument("--data", choices=("synthetic", "shards"), default="synthetic",
                             help="one random batch on the device (compute alone) or the real loader")
+        parser.add_argument("--rate-size", type=_count(0), default=0,
+                            help="matmul side of the machine-rate measurement (default 2048 CPU, 8192 GPU)")
         parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
         add_config_arguments(parser)
         parser.set_defaults(func=run_stages)

@@ -87,6 +87,7 @@ class GeneratorConfig:
 class DiscriminatorConfig:
     kind: str = "hybrid"
     decoder_width: int = 32
+    full_resolution_block: bool = True
     resnet_weights: str = ""
     pretrained: str = ""
     from_scratch: bool = False

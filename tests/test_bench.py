@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_args
 from hybridgan.bench import PAPER_IMAGES_PER_S, main, peak_flops
 
-BENCH = ["--steps", "2", "--warmup", "1", "--batch-size", "4"]
+BENCH = ["--steps", "2", "--warmup", "1", "--batch-size", "4", "--rate-size", "128"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +39,27 @@ def _check_common(figures: dict) -> None:
     assert figures["achieved_tflops"] > 0
     assert figures["paper_images_per_s"] == pytest.approx(207.4, abs=0.1)
     assert figures["vs_paper"] == pytest.approx(figures["images_per_s"] / PAPER_IMAGES_PER_S, rel=0.02)
+    _check_machine(figures)
+
+
+def _check_machine(figures: dict) -> None:
+    """The machine's rates, measured before and after the timed steps, and the step as a fraction of them."""
+    machine = figures["machine"]
+    for when in ("before", "after"):
+        rates = machine[when]
+        assert (rates["threads"], rates["matmul_size"], rates["conv3x3_shape"]) == (1, 128, [1, 256, 32, 32])
+        keys = [f"matmul_{p}_gflops" for p in ("fp32", "bf16")] + [
+            f"conv3x3_{p}_{layout}_gflops" for p in ("fp32", "bf16") for layout in ("nchw", "channels_last")]
+        assert all(0.1 < rates[key] < 100_000 for key in keys), rates  # a CPU thread: GFLOP/s, not FLOP/s or TFLOP/s
+        best = rates["best_matmul_precision"]
+        assert rates["best_matmul_gflops"] == rates[f"matmul_{best}_gflops"] == max(
+            rates["matmul_fp32_gflops"], rates["matmul_bf16_gflops"])
+    assert machine["best_matmul_gflops"] == max(machine["before"]["best_matmul_gflops"],
+                                                machine["after"]["best_matmul_gflops"])
+    assert figures["achieved_gflops"] == pytest.approx(1000 * figures["achieved_tflops"], abs=0.1)
+    assert figures["vs_best_matmul"] == pytest.approx(figures["achieved_gflops"] / machine["best_matmul_gflops"],
+                                                      rel=0.01, abs=0.002)
+    assert 0 < figures["vs_best_matmul"] < 2
 
 
 def test_bench_train_splits_the_step_into_d_and_g_phases(tiny_shards, tmp_path, capsys):
@@ -57,6 +78,7 @@ def test_bench_train_splits_the_step_into_d_and_g_phases(tiny_shards, tmp_path, 
     assert set(figures["last_losses"]) >= {"disc_loss", "gen_loss", "gen_pixel_loss", "gen_adv_loss"}
     table = capsys.readouterr().out
     assert "img/s" in table and "paper reference: 207 img/s" in table
+    assert "x matmul" in table and f"/ {figures['machine']['best_matmul_gflops']} (the best matmul rate)" in table
 
 
 def test_bench_pretrain_reads_the_real_loader(tiny_shards, tmp_path):
