@@ -353,7 +353,7 @@ def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTime
         "stage": stage, "discriminator": "hybrid" if stage == "pretrain" else cfg.discriminator.kind,
         "device": name, "device_type": session.device.type, "threads": torch.get_num_threads(),
         "world_size": session.world_size, "load_average_1min": round(os.getloadavg()[0], 2),
-        "precision": stage_cfg.mixed_precision,
+        "precision": session.accelerator.mixed_precision, "precision_setting": stage_cfg.mixed_precision,
         "batch_size": stage_cfg.batch_size, "image_size": cfg.data.image_size, "hole_size": cfg.mask.hole_size,
         "channels_last": stage_cfg.channels_last, "compile": stage_cfg.compile, "data": data,
         "steps": steps, "warmup": warmup, "seconds": round(seconds, 3), "images_per_s": round(images_per_s, 2),

@@ -121,7 +121,7 @@ class StageConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     mixed_precision: str = "no"
-    channels_last: bool = False
+    channels_last: Any = False  # true, false or "auto" (hybridgan.devices)
     compile: bool = False
     cpu: bool = False
 
@@ -156,8 +156,10 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mask.kind": ("center", "random_box", "strokes"),
     "discriminator.kind": ("hybrid", "pathak"),
-    "pretrain.mixed_precision": ("no", "fp16", "bf16"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "pretrain.mixed_precision": ("no", "fp16", "bf16", "auto"),
+    "train.mixed_precision": ("no", "fp16", "bf16", "auto"),
+    "pretrain.channels_last": (False, True, "auto"),
+    "train.channels_last": (False, True, "auto"),
 }
 _POSITIVE = (
     "data.image_size", "pack.source_size", "pack.shard_size", "pack.workers", "mask.hole_size",
@@ -192,7 +194,7 @@ def _check_ranges(cfg: Config) -> None:
     """Raise ConfigError (message: key and value) for the first value outside its range."""
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
