@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import REPO, tiny_args
+from hybridgan import bench
 from hybridgan.bench import PAPER_IMAGES_PER_S, main, peak_flops
 
 BENCH = ["--steps", "2", "--warmup", "1", "--batch-size", "4", "--rate-size", "128"]
@@ -102,3 +105,39 @@ def test_bench_rejects_zero_steps(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--steps", "0"])
     assert "--steps" in capsys.readouterr().err
+
+
+def test_matrix_writes_each_cell_with_mfu_memory_and_data_wait(tiny_shards, tmp_path, monkeypatch, capsys):
+    """The GPU script's logic on the CPU: one eager cell measured, a compiled one skipped by --no-compile."""
+    monkeypatch.setattr(bench, "MATRIX", [("no", False, "pathak"), ("bf16", True, "hybrid")])
+    out = tmp_path / "matrix.json"
+    args = ["matrix", "--cpu", "--no-compile", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+            "--rate-size", "128", "--json", str(out), *tiny_args(tiny_shards, tmp_path / "runs")]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["device"] == bench.device_name(torch.device("cpu")) and result["batch_size"] == 4
+    measured, skipped = result["cells"]
+    assert (measured["precision"], measured["compile"], measured["discriminator"], measured["data"]) == (
+        "no", False, "pathak", "shards")
+    assert measured["images_per_s"] > 0 and measured["peak_host_mib"] > 0 and "mfu" in measured
+    assert measured["data_wait_share"] == pytest.approx(measured["data_wait_ms"] / measured["step_ms"], abs=1e-3)
+    assert 0 < measured["data_wait_share"] < 1
+    _check_machine(measured)
+    assert skipped == {"precision": "bf16", "compile": True, "discriminator": "hybrid", "skipped": "--no-compile"}
+    assert "pathak   no    eager:" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_script_refuses_to_run_without_a_gpu(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
+                            env={**os.environ, "SHARDS": str(tmp_path / "none")}, timeout=120)
+    assert result.returncode == 2
+    assert "error: benchmarks/gpu.sh needs a CUDA GPU" in result.stderr and "--cpu-dry-run" in result.stderr
+    assert not (tmp_path / "none").exists()  # nothing packed or written
+    assert main(["matrix", "--json", str(tmp_path / "m.json")]) == 2 and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("name, slug", [("NVIDIA H200", "nvidia-h200"), ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+                                        ("AMD EPYC (2 cores)", "amd-epyc-2-cores")])
+def test_device_slug_names_the_results_file(name, slug):
+    assert bench.device_slug(name) == slug
