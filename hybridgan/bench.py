@@ -325,6 +325,8 @@ def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "s
         step(next_batch())
     rate_size = rate_size or DEFAULT_RATE_SIZE.get(session.device.type, DEFAULT_RATE_SIZE["cpu"])
     before = machine_rates(session.device, rate_size)
+    if timer.cuda:  # the peak of the steps, not of the rate measurement's matrices
+        torch.cuda.reset_peak_memory_stats()
     timer.seconds.clear()
     timer.sync()
     start = time.perf_counter()
@@ -332,10 +334,9 @@ def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "s
         losses = step(next_batch())
     timer.sync()
     seconds = time.perf_counter() - start
-    after = machine_rates(session.device, rate_size)
     session.close()
     figures = _figures(cfg, stage, session, timer, flops, steps, warmup, seconds, data, losses)
-    vs_machine(figures, before, after)
+    vs_machine(figures, before, machine_rates(session.device, rate_size))
     return figures
 
 
