@@ -35,7 +35,8 @@ else
   IMAGES=2048
 fi
 if [[ ! -f "$SHARDS/manifest.json" ]]; then
-  python -m hybridgan.pack "synthetic:$IMAGES" --out "$SHARDS" --config "$CONFIG" --workers "$(nproc)"
+  # shards of 64: every loader worker gets shards of its own
+  python -m hybridgan.pack "synthetic:$IMAGES" --out "$SHARDS" --config "$CONFIG" --workers "$(nproc)" pack.shard_size=64
 fi
 # a hard stop below 8 minutes; the JSON holds every cell finished before it
 timeout "${TIMEOUT_S:-470}" python -m hybridgan.bench matrix --config "$CONFIG" "${SIZES[@]}" \
