@@ -2,7 +2,8 @@
 
     python -m hybridgan.bench loader --shards shards/NAME [--workers 1,2] [--batches N] [--json PATH]
     python -m hybridgan.bench pretrain|train|all [--config FILE] [--steps N] [--warmup N]
-        [--batch-size B] [--data synthetic|shards] [--json PATH] [key=value ...]
+        [--batch-size B] [--data synthetic|shards] [--rate-size N] [--json PATH] [key=value ...]
+    python -m hybridgan.bench matrix [--cpu] [--no-compile] [--budget-s S] [--json PATH] ...   (benchmarks/gpu.sh)
 
 `loader`: train-split images/s of `make_loader` at `data.image_size` for each worker count (the
 first batch, which pays for worker start-up, is timed apart), then images/s of `hybridgan.pack`
@@ -14,7 +15,13 @@ in a throwaway run folder. The step time is split into data wait, D phase and G 
 model FLOPs per image come achieved TFLOP/s and MFU (known GPUs only), and the paper's speed for
 comparison. `--data synthetic` (default) feeds one random batch made once on the device: the
 step's compute alone; `--data shards` reads `data.shards` with the real loader. `all`: the loader
-at `data.workers`, then pretrain, then train, into one JSON. benchmarks/README.md explains each figure.
+at `data.workers`, then pretrain, then train, into one JSON. Each stage also measures the machine in
+the same process, right before and after its timed steps (`machine_rates`: matmul and 3x3 convolution
+GFLOP/s, fp32 and bf16), and gives its GFLOP/s as a fraction of the best matmul rate.
+
+`matrix`: the train step for fp32/bf16 x eager/compiled x hybrid/Pathak D on the real loader, into
+benchmarks/results/<device>.json; it refuses to run without a GPU unless `--cpu`.
+benchmarks/README.md explains each figure.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and runs it slower than fp32.
 
 `channels_last: auto` is channels_last for the hybrid discriminator (ResNet50 + U-Net: its bf16
 forward+backward ran 1.25x faster so on that CPU, and convolution networks run in NHWC on GPU tensor
-cores) and the plain layout for the other models: the context encoder ran 1.2-1.3x slower in
+cores) and the plain layout for the other models: the context encoder ran 1.1-1.3x slower in
 channels_last on that CPU, and Pathak's discriminator was slower in it on an Intel Xeon.
 """
 
