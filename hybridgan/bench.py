@@ -136,7 +136,8 @@ def machine_rates(device: torch.device, size: int, repeats: int = 3) -> dict[str
             def forward() -> Any:
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     return conv(image)
-            rates[f"conv3x3_{name}_{layout}_gflops"] = round(conv_flops / _best_seconds(forward, repeats, sync) / 1e9, 1)
+            seconds = _best_seconds(forward, repeats, sync)
+            rates[f"conv3x3_{name}_{layout}_gflops"] = round(conv_flops / seconds / 1e9, 1)
     best = max(("fp32", "bf16"), key=lambda name: rates[f"matmul_{name}_gflops"])
     rates["best_matmul_precision"], rates["best_matmul_gflops"] = best, rates[f"matmul_{best}_gflops"]
     return rates
@@ -401,7 +402,8 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         before, after = row["machine"]["before"], row["machine"]["after"]
         lines.append(f"{row['stage']}: machine before/after, GFLOP/s: matmul fp32 {before['matmul_fp32_gflops']}/"
-                     f"{after['matmul_fp32_gflops']}, bf16 {before['matmul_bf16_gflops']}/{after['matmul_bf16_gflops']}; "
+                     f"{after['matmul_fp32_gflops']}, bf16 {before['matmul_bf16_gflops']}/"
+                     f"{after['matmul_bf16_gflops']}; "
                      f"conv3x3 bf16 NCHW {before['conv3x3_bf16_nchw_gflops']}/{after['conv3x3_bf16_nchw_gflops']}, "
                      f"channels_last {before['conv3x3_bf16_channels_last_gflops']}/"
                      f"{after['conv3x3_bf16_channels_last_gflops']}; x matmul = step GFLOP/s / "

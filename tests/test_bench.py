@@ -137,7 +137,8 @@ def test_gpu_script_refuses_to_run_without_a_gpu(tmp_path):
     assert main(["matrix", "--json", str(tmp_path / "m.json")]) == 2 and not (tmp_path / "m.json").exists()
 
 
-@pytest.mark.parametrize("name, slug", [("NVIDIA H200", "nvidia-h200"), ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+@pytest.mark.parametrize("name, slug", [("NVIDIA H200", "nvidia-h200"),
+                                        ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
                                         ("AMD EPYC (2 cores)", "amd-epyc-2-cores")])
 def test_device_slug_names_the_results_file(name, slug):
     assert bench.device_slug(name) == slug
