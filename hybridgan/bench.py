@@ -2,7 +2,8 @@
 
     python -m hybridgan.bench loader --shards shards/NAME [--workers 1,2] [--batches N] [--json PATH]
     python -m hybridgan.bench pretrain|train|all [--config FILE] [--steps N] [--warmup N]
-        [--batch-size B] [--data synthetic|shards] [--json PATH] [key=value ...]
+        [--batch-size B] [--data synthetic|shards] [--rate-size N] [--json PATH] [key=value ...]
+    python -m hybridgan.bench matrix [--cpu] [--no-compile] [--budget-s S] [--json PATH] ...   (benchmarks/gpu.sh)
 
 `loader`: train-split images/s of `make_loader` at `data.image_size` for each worker count (the
 first batch, which pays for worker start-up, is timed apart), then images/s of `hybridgan.pack`
@@ -14,7 +15,13 @@ in a throwaway run folder. The step time is split into data wait, D phase and G 
 model FLOPs per image come achieved TFLOP/s and MFU (known GPUs only), and the paper's speed for
 comparison. `--data synthetic` (default) feeds one random batch made once on the device: the
 step's compute alone; `--data shards` reads `data.shards` with the real loader. `all`: the loader
-at `data.workers`, then pretrain, then train, into one JSON. benchmarks/README.md explains each figure.
+at `data.workers`, then pretrain, then train, into one JSON. Each stage also measures the machine in
+the same process, right before and after its timed steps (`machine_rates`: matmul and 3x3 convolution
+GFLOP/s, fp32 and bf16), and gives its GFLOP/s as a fraction of the best matmul rate.
+
+`matrix`: the train step for fp32/bf16 x eager/compiled x hybrid/Pathak D on the real loader, into
+benchmarks/results/<device>.json; it refuses to run without a GPU unless `--cpu`.
+benchmarks/README.md explains each figure.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 """Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, first match wins; MFU's denominator."""
 
 STAGES = ("pretrain", "train")
+
+DEFAULT_RATE_SIZE = {"cpu": 2048, "cuda": 8192}
+"""Matmul side N (N x N @ N x N) of the machine-rate measurement per device type; the 3x3
+convolution is batch 16 N/2048 x 256 channels x 32x32 (the CPU default is 16 x 256 x 32x32)."""
 
 
 class PhaseTimer:
@@ -89,6 +100,57 @@ def device_name(device: torch.device) -> str:
 def peak_flops(name: str) -> float | None:
     """The device's dense bf16 peak from PEAK_BF16_FLOPS, None when unknown (every CPU)."""
     return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine_rates(device: torch.device, size: int, repeats: int = 3) -> dict[str, Any]:
+    """What this device does at its best, now, with the threads in use: GFLOP/s of a `size`-square
+    matmul in fp32 and bf16, and of a 3x3 convolution (forward, no grad) in fp32 and bf16 (autocast),
+    NCHW and channels_last. `best_matmul_gflops` is the faster of the two matmuls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates: dict[str, Any] = {"threads": torch.get_num_threads(), "matmul_size": size}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        rates[f"matmul_{name}_gflops"] = round(2 * size**3 / _best_seconds(lambda: a @ b, repeats, sync) / 1e9, 1)
+    batch, channels, side = max(1, 16 * size // 2048), 256, 32
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device)
+    image = torch.randn(batch, channels, side, side, device=device)
+    conv_flops = 2 * batch * channels * channels * 9 * side * side
+    rates["conv3x3_shape"] = [batch, channels, side, side]
+    for layout, memory_format in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        conv, image = conv.to(memory_format=memory_format), image.contiguous(memory_format=memory_format)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            def forward() -> Any:
+                with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    return conv(image)
+            seconds = _best_seconds(forward, repeats, sync)
+            rates[f"conv3x3_{name}_{layout}_gflops"] = round(conv_flops / seconds / 1e9, 1)
+    best = max(("fp32", "bf16"), key=lambda name: rates[f"matmul_{name}_gflops"])
+    rates["best_matmul_precision"], rates["best_matmul_gflops"] = best, rates[f"matmul_{best}_gflops"]
+    return rates
+
+
+def vs_machine(figures: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Add to a stage's `figures` the machine's rates measured right before and after it, and its
+    GFLOP/s as a fraction of the best matmul rate: the higher of the two measurements, so that a
+    load that came or went during the run makes the fraction smaller, never larger."""
+    best = max(before["best_matmul_gflops"], after["best_matmul_gflops"])
+    figures["machine"] = {"before": before, "after": after, "best_matmul_gflops": best}
+    figures["achieved_gflops"] = round(figures["achieved_tflops"] * 1000, 1)
+    figures["vs_best_matmul"] = round(figures["achieved_tflops"] * 1000 / best, 3)
 
 
 def step_flops(stage: str, job: Any, session: TrainingSession, cfg: Config) -> dict[str, Any]:
@@ -247,8 +309,11 @@ def _stage_job(cfg: Config, stage: str, timer: PhaseTimer) -> tuple[TrainingSess
     return session, job, job.step
 
 
-def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "synthetic") -> dict[str, Any]:
-    """Time `steps` steps of `stage` ("pretrain" or "train") after `warmup` untimed ones; the figures.
+def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "synthetic",
+                rate_size: int = 0) -> dict[str, Any]:
+    """Time `steps` steps of `stage` ("pretrain" or "train") after `warmup` untimed ones; the figures,
+    with the machine's matmul and convolution rates measured right before and after the timed steps
+    (`rate_size`: the matmul side, 0 for the device's DEFAULT_RATE_SIZE).
 
     `cfg.run.root` should be a throwaway folder: the session writes its stage folder there.
     """
@@ -266,6 +331,10 @@ def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "s
     next_batch = timer.wrap("data_wait", lambda: next(batches))
     for _ in range(warmup):
         step(next_batch())
+    rate_size = rate_size or DEFAULT_RATE_SIZE.get(session.device.type, DEFAULT_RATE_SIZE["cpu"])
+    before = machine_rates(session.device, rate_size)
+    if timer.cuda:  # the peak of the steps, not of the rate measurement's matrices
+        torch.cuda.reset_peak_memory_stats()
     timer.seconds.clear()
     timer.sync()
     start = time.perf_counter()
@@ -274,7 +343,9 @@ def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "s
     timer.sync()
     seconds = time.perf_counter() - start
     session.close()
-    return _figures(cfg, stage, session, timer, flops, steps, warmup, seconds, data, losses)
+    figures = _figures(cfg, stage, session, timer, flops, steps, warmup, seconds, data, losses)
+    vs_machine(figures, before, machine_rates(session.device, rate_size))
+    return figures
 
 
 def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTimer, flops: dict[str, Any],
@@ -291,7 +362,7 @@ def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTime
         "stage": stage, "discriminator": "hybrid" if stage == "pretrain" else cfg.discriminator.kind,
         "device": name, "device_type": session.device.type, "threads": torch.get_num_threads(),
         "world_size": session.world_size, "load_average_1min": round(os.getloadavg()[0], 2),
-        "precision": stage_cfg.mixed_precision,
+        "precision": session.accelerator.mixed_precision, "precision_setting": stage_cfg.mixed_precision,
         "batch_size": stage_cfg.batch_size, "image_size": cfg.data.image_size, "hole_size": cfg.mask.hole_size,
         "channels_last": stage_cfg.channels_last, "compile": stage_cfg.compile, "data": data,
         "steps": steps, "warmup": warmup, "seconds": round(seconds, 3), "images_per_s": round(images_per_s, 2),
@@ -312,7 +383,7 @@ def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTime
 _COLUMNS = (("stage", "stage"), ("D", "discriminator"), ("prec", "precision"), ("batch", "batch_size"),
             ("size", "image_size"), ("img/s", "images_per_s"), ("step ms", "step_ms"),
             ("data ms", "data_wait_ms"), ("D ms", "d_phase_ms"), ("G ms", "g_phase_ms"),
-            ("GFLOP/img", "gflop"), ("TFLOP/s", "achieved_tflops"), ("MFU", "mfu"),
+            ("GFLOP/img", "gflop"), ("GFLOP/s", "achieved_gflops"), ("x matmul", "vs_best_matmul"), ("MFU", "mfu"),
             ("host MiB", "peak_host_mib"), ("GPU MiB", "peak_gpu_mib"), ("x paper", "vs_paper"))
 
 
@@ -328,6 +399,15 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
              f"{first['steps']} timed steps after {first['warmup']} warm-up",
              "  ".join(f"{title:>9}" for title, _ in _COLUMNS)]
     lines += ["  ".join(f"{cell(row, key):>9}" for _, key in _COLUMNS) for row in rows]
+    for row in rows:
+        before, after = row["machine"]["before"], row["machine"]["after"]
+        lines.append(f"{row['stage']}: machine before/after, GFLOP/s: matmul fp32 {before['matmul_fp32_gflops']}/"
+                     f"{after['matmul_fp32_gflops']}, bf16 {before['matmul_bf16_gflops']}/"
+                     f"{after['matmul_bf16_gflops']}; "
+                     f"conv3x3 bf16 NCHW {before['conv3x3_bf16_nchw_gflops']}/{after['conv3x3_bf16_nchw_gflops']}, "
+                     f"channels_last {before['conv3x3_bf16_channels_last_gflops']}/"
+                     f"{after['conv3x3_bf16_channels_last_gflops']}; x matmul = step GFLOP/s / "
+                     f"{row['machine']['best_matmul_gflops']} (the best matmul rate)")
     lines.append(f"paper reference: {PAPER_IMAGES_PER_S:.0f} img/s (20 epochs of 28,000 images in 45 min on "
                  f"one RTX 3090); GFLOP/img: one training step, backward taken as 2x forward "
                  f"(pretrain 3 D, train 4 G + 8 D forward passes)")
@@ -355,7 +435,7 @@ def run_stages(args: argparse.Namespace) -> int:
             if args.command == "all":
                 result["loader"] = time_loader(cfg, cfg.data.workers, args.steps, cfg.train.batch_size)
             for stage in stages:
-                result[stage] = bench_stage(cfg, stage, args.steps, args.warmup, args.data)
+                result[stage] = bench_stage(cfg, stage, args.steps, args.warmup, args.data, args.rate_size)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -392,12 +472,97 @@ def _add_stages(subparsers: Any) -> None:
         parser.add_argument("--batch-size", type=_count(0), default=0, help="default: the stage's batch_size")
         parser.add_argument("--data", choices=("synthetic", "shards"), default="synthetic",
                             help="one random batch on the device (compute alone) or the real loader")
+        parser.add_argument("--rate-size", type=_count(0), default=0,
+                            help="matmul side of the machine-rate measurement (default 2048 CPU, 8192 GPU)")
         parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
         add_config_arguments(parser)
         parser.set_defaults(func=run_stages)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_loader, _add_stages]
+MATRIX = [("bf16", True, "hybrid"), ("bf16", False, "hybrid"), ("bf16", True, "pathak"), ("bf16", False, "pathak"),
+          ("no", False, "hybrid"), ("no", False, "pathak"), ("no", True, "hybrid"), ("no", True, "pathak")]
+"""The (precision, compile, D) cells of `matrix`, most wanted first: bf16 compiled hybrid is the GPU
+target, and the fp32 compiled cells (the slowest to compile, the least used) come last."""
+
+
+def device_slug(name: str) -> str:
+    """A file name for a device name: "NVIDIA H200" -> "nvidia-h200"."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    """`matrix`: the train step for precision x compile x D, real loader, one JSON written after each
+    cell (so that a cut run keeps what it measured); cells left once `--budget-s` is spent are
+    recorded as skipped. Without CUDA it refuses unless `--cpu` (a dry run of the same logic)."""
+    if not args.cpu and not torch.cuda.is_available():
+        print("error: no CUDA GPU visible (torch.cuda.is_available() is False); "
+              "`matrix --cpu` runs the same cells on the CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu else "cuda")
+    name = device_name(device)
+    out = Path(args.json or f"benchmarks/results/{device_slug(name)}.json")
+    result: dict[str, Any] = {"device": name, "torch": torch.__version__, "budget_s": args.budget_s,
+                              "batch_size": args.batch_size, "cells": []}
+    start = time.perf_counter()
+    for precision, compiled, kind in MATRIX:
+        cell: dict[str, Any] = {"precision": precision, "compile": compiled, "discriminator": kind}
+        if time.perf_counter() - start > args.budget_s:
+            cell["skipped"] = f"time budget of {args.budget_s} s spent"
+        elif compiled and args.no_compile:
+            cell["skipped"] = "--no-compile"
+        else:
+            overrides = [f"train.mixed_precision={precision}", f"train.compile={str(compiled).lower()}",
+                         f"discriminator.kind={kind}", f"train.cpu={str(args.cpu).lower()}", "train.channels_last=auto"]
+            cell.update(_matrix_cell(args, overrides))
+        result["cells"].append(cell)
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(_matrix_line(cell), flush=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def _matrix_cell(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """One cell's figures (`bench_stage` plus the data-wait share), or the error that stopped it."""
+    torch._dynamo.reset()  # each cell compiles its own models from scratch
+    with tempfile.TemporaryDirectory(prefix="hybridgan-bench-") as root:
+        cell_args = argparse.Namespace(config=args.config, overrides=[*args.overrides, *overrides],
+                                       batch_size=args.batch_size)
+        cfg = bench_config(cell_args, root)
+        try:
+            figures = bench_stage(cfg, "train", args.steps, args.warmup, "shards", args.rate_size)
+        except Exception as err:  # a cell that fails (e.g. a compiler error) must not lose the others
+            return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"}
+    figures["data_wait_share"] = round(figures["data_wait_ms"] / figures["step_ms"], 4)
+    return figures
+
+
+def _matrix_line(cell: dict[str, Any]) -> str:
+    head = f"{cell['discriminator']:>6} {cell['precision']:>4} {'compiled' if cell['compile'] else 'eager':>8}: "
+    if "images_per_s" not in cell:
+        return head + cell.get("error", cell.get("skipped", ""))
+    mfu = "-" if cell["mfu"] is None else f"{100 * cell['mfu']:.1f} %"
+    memory = cell["peak_gpu_mib"] if cell["peak_gpu_mib"] is not None else cell["peak_host_mib"]
+    return (head + f"{cell['images_per_s']} img/s, MFU {mfu}, {cell['vs_best_matmul']} x best matmul, "
+            f"peak {memory} MiB, data wait {100 * cell['data_wait_share']:.1f} %")
+
+
+def _add_matrix(subparsers: Any) -> None:
+    parser = subparsers.add_parser("matrix", help="train step: fp32/bf16 x eager/compiled x hybrid/pathak (GPU)")
+    parser.add_argument("--steps", type=_count(1), default=20, help="timed steps per cell")
+    parser.add_argument("--warmup", type=_count(0), default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--batch-size", type=_count(0), default=0, help="default: train.batch_size")
+    parser.add_argument("--rate-size", type=_count(0), default=0, help="matmul side of the machine rates")
+    parser.add_argument("--budget-s", type=_count(1), default=420, help="start no cell after this many seconds")
+    parser.add_argument("--cpu", action="store_true", help="dry run on the CPU (use tiny sizes)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled cells (CPU dry run)")
+    parser.add_argument("--json", default=None, help="default benchmarks/results/<device>.json")
+    add_config_arguments(parser)
+    parser.set_defaults(func=run_matrix)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_loader, _add_stages, _add_matrix]
 
 
 def main(argv: list[str] | None = None) -> int:

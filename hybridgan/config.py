@@ -89,6 +89,7 @@ class GeneratorConfig:
 class DiscriminatorConfig:
     kind: str = "hybrid"
     decoder_width: int = 32
+    full_resolution_block: bool = True
     resnet_weights: str = ""
     pretrained: str = ""
     from_scratch: bool = False
@@ -125,7 +126,7 @@ class StageConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     mixed_precision: str = "no"
-    channels_last: bool = False
+    channels_last: Any = False  # true, false or "auto" (hybridgan.devices)
     compile: bool = False
     cpu: bool = False
 
@@ -162,8 +163,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "discriminator.kind": ("hybrid", "pathak"),
     "discriminator.pathak_input": ("hole", "frame"),
     "generator.upsample": ("transposed", "resize"),
-    "pretrain.mixed_precision": ("no", "fp16", "bf16"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "pretrain.mixed_precision": ("no", "fp16", "bf16", "auto"),
+    "train.mixed_precision": ("no", "fp16", "bf16", "auto"),
+    "pretrain.channels_last": (False, True, "auto"),
+    "train.channels_last": (False, True, "auto"),
 }
 _POSITIVE = (
     "data.image_size", "pack.source_size", "pack.shard_size", "pack.workers", "mask.hole_size",
@@ -199,7 +202,7 @@ def _check_ranges(cfg: Config) -> None:
     """Raise ConfigError (message: key and value) for the first value outside its range."""
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")

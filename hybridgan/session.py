@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from hybridgan.checkpoint import CheckpointManager
 from hybridgan.config import Config, StageConfig, add_config_arguments, config_from_args, save_config, to_yaml
+from hybridgan.devices import resolve_mixed_precision, use_channels_last
 from hybridgan.tracking import MetricsLogger
 
 EXIT_REQUEUE = 75
@@ -342,11 +343,11 @@ def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...]) -> Acceler
     """
     cpu = stage_cfg.cpu or not torch.cuda.is_available()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return Accelerator(cpu=cpu, mixed_precision=stage_cfg.mixed_precision)
+        return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu))
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
     plugins = {name: DeepSpeedPlugin() for name in models} if len(models) > 1 else None
-    accelerator = Accelerator(mixed_precision=stage_cfg.mixed_precision, kwargs_handlers=handlers,
-                              deepspeed_plugins=plugins)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu),
+                              kwargs_handlers=handlers, deepspeed_plugins=plugins)
     for plugin in accelerator.state.deepspeed_plugins.values():
         # Our loaders are not prepared by Accelerate, so DeepSpeed cannot read the batch size off them.
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = stage_cfg.batch_size
@@ -362,7 +363,7 @@ def build_adam(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.optim.Ad
 
 def speed_up(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.nn.Module:
     """channels_last memory format and torch.compile, as the stage config asks."""
-    if stage_cfg.channels_last:
+    if use_channels_last(stage_cfg.channels_last, model):
         model = model.to(memory_format=torch.channels_last)
     if stage_cfg.compile:
         model = torch.compile(model)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import REPO, tiny_args
+from hybridgan import bench
 from hybridgan.bench import PAPER_IMAGES_PER_S, main, peak_flops
 
-BENCH = ["--steps", "2", "--warmup", "1", "--batch-size", "4"]
+BENCH = ["--steps", "2", "--warmup", "1", "--batch-size", "4", "--rate-size", "128"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +42,27 @@ def _check_common(figures: dict) -> None:
     assert figures["achieved_tflops"] > 0
     assert figures["paper_images_per_s"] == pytest.approx(207.4, abs=0.1)
     assert figures["vs_paper"] == pytest.approx(figures["images_per_s"] / PAPER_IMAGES_PER_S, rel=0.02)
+    _check_machine(figures)
+
+
+def _check_machine(figures: dict) -> None:
+    """The machine's rates, measured before and after the timed steps, and the step as a fraction of them."""
+    machine = figures["machine"]
+    for when in ("before", "after"):
+        rates = machine[when]
+        assert (rates["threads"], rates["matmul_size"], rates["conv3x3_shape"]) == (1, 128, [1, 256, 32, 32])
+        keys = [f"matmul_{p}_gflops" for p in ("fp32", "bf16")] + [
+            f"conv3x3_{p}_{layout}_gflops" for p in ("fp32", "bf16") for layout in ("nchw", "channels_last")]
+        assert all(0.1 < rates[key] < 100_000 for key in keys), rates  # a CPU thread: GFLOP/s, not FLOP/s or TFLOP/s
+        best = rates["best_matmul_precision"]
+        assert rates["best_matmul_gflops"] == rates[f"matmul_{best}_gflops"] == max(
+            rates["matmul_fp32_gflops"], rates["matmul_bf16_gflops"])
+    assert machine["best_matmul_gflops"] == max(machine["before"]["best_matmul_gflops"],
+                                                machine["after"]["best_matmul_gflops"])
+    assert figures["achieved_gflops"] == pytest.approx(1000 * figures["achieved_tflops"], abs=0.1)
+    assert figures["vs_best_matmul"] == pytest.approx(figures["achieved_gflops"] / machine["best_matmul_gflops"],
+                                                      rel=0.01, abs=0.002)
+    assert 0 < figures["vs_best_matmul"] < 2
 
 
 def test_bench_train_splits_the_step_into_d_and_g_phases(tiny_shards, tmp_path, capsys):
@@ -57,6 +81,7 @@ def test_bench_train_splits_the_step_into_d_and_g_phases(tiny_shards, tmp_path, 
     assert set(figures["last_losses"]) >= {"disc_loss", "gen_loss", "gen_pixel_loss", "gen_adv_loss"}
     table = capsys.readouterr().out
     assert "img/s" in table and "paper reference: 207 img/s" in table
+    assert "x matmul" in table and f"/ {figures['machine']['best_matmul_gflops']} (the best matmul rate)" in table
 
 
 def test_bench_pretrain_reads_the_real_loader(tiny_shards, tmp_path):
@@ -80,3 +105,40 @@ def test_bench_rejects_zero_steps(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--steps", "0"])
     assert "--steps" in capsys.readouterr().err
+
+
+def test_matrix_writes_each_cell_with_mfu_memory_and_data_wait(tiny_shards, tmp_path, monkeypatch, capsys):
+    """The GPU script's logic on the CPU: one eager cell measured, a compiled one skipped by --no-compile."""
+    monkeypatch.setattr(bench, "MATRIX", [("no", False, "pathak"), ("bf16", True, "hybrid")])
+    out = tmp_path / "matrix.json"
+    args = ["matrix", "--cpu", "--no-compile", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+            "--rate-size", "128", "--json", str(out), *tiny_args(tiny_shards, tmp_path / "runs")]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["device"] == bench.device_name(torch.device("cpu")) and result["batch_size"] == 4
+    measured, skipped = result["cells"]
+    assert (measured["precision"], measured["compile"], measured["discriminator"], measured["data"]) == (
+        "no", False, "pathak", "shards")
+    assert measured["images_per_s"] > 0 and measured["peak_host_mib"] > 0 and "mfu" in measured
+    assert measured["data_wait_share"] == pytest.approx(measured["data_wait_ms"] / measured["step_ms"], abs=1e-3)
+    assert 0 < measured["data_wait_share"] < 1
+    _check_machine(measured)
+    assert skipped == {"precision": "bf16", "compile": True, "discriminator": "hybrid", "skipped": "--no-compile"}
+    assert "pathak   no    eager:" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_script_refuses_to_run_without_a_gpu(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
+                            env={**os.environ, "SHARDS": str(tmp_path / "none")}, timeout=120)
+    assert result.returncode == 2
+    assert "error: benchmarks/gpu.sh needs a CUDA GPU" in result.stderr and "--cpu-dry-run" in result.stderr
+    assert not (tmp_path / "none").exists()  # nothing packed or written
+    assert main(["matrix", "--json", str(tmp_path / "m.json")]) == 2 and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("name, slug", [("NVIDIA H200", "nvidia-h200"),
+                                        ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+                                        ("AMD EPYC (2 cores)", "amd-epyc-2-cores")])
+def test_device_slug_names_the_results_file(name, slug):
+    assert bench.device_slug(name) == slug

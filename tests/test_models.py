@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
 from hybridgan.config import Config, DiscriminatorConfig, GeneratorConfig
+from hybridgan.models.hybrid import UpBlock, memory_format_of
 from hybridgan.models import (
     ContextEncoder, DiscOutput, HybridDiscriminator, ModelWeightsError, PathakDiscriminator,
     build_discriminator, build_generator, model_summary,
@@ -94,6 +96,51 @@ def test_hybrid_outputs_float32_under_bf16_autocast() -> None:
         out = d(images(1, 32))
     for prob in out:
         assert prob.dtype == torch.float32 and 0 <= prob.min() and prob.max() <= 1
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_up_block_concatenates_in_the_convolutions_dtype_and_layout(memory_format) -> None:
+    """The skip is cast and laid out like the up-sampled tensor before the cat: the same values as
+    autocast's cast of a float32 cat, in the layout the convolution runs in."""
+    block = UpBlock(8, 3, 4).eval().to(memory_format=memory_format)
+    low = torch.randn(2, 8, 16, 16).to(torch.bfloat16).contiguous(memory_format=memory_format)  # as in D
+    skip = images(2, 32)  # float32, channels-first: the normalised image of the last block
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        up = F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+        expected = block.conv(torch.cat([up.float(), skip], dim=1))
+        out = block(low, skip)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=memory_format)
+    assert memory_format_of(low) == memory_format
+
+
+def test_hybrid_without_full_resolution_block_upsamples_the_pixel_logits() -> None:
+    full = HybridDiscriminator(DiscriminatorConfig(decoder_width=4), 64)
+    lean = HybridDiscriminator(DiscriminatorConfig(decoder_width=4, full_resolution_block=False), 64)
+    assert len(lean.decoder) == len(full.decoder) - 1 == 4 and lean.pixel_head.in_channels == 8
+    lean.eval()
+    x = images(2, 64)
+    with torch.no_grad():
+        out = lean(x)
+        stem, f1, f2, f3, d = _encoder_features(lean, x)
+        for block, skip in zip(lean.decoder, (f3, f2, f1, stem)):
+            d = block(d, skip)
+        assert d.shape[-1] == 32
+        logits = F.interpolate(lean.pixel_head(d), size=(64, 64), mode="bilinear", align_corners=False)
+    assert out.pixel_prob.shape == (2, 1, 64, 64)
+    assert torch.allclose(out.pixel_prob, logits.sigmoid(), atol=1e-6)
+    assert model_summary(lean, x[:1])["flops"] < model_summary(full, x[:1])["flops"]
+
+
+def _encoder_features(d: HybridDiscriminator, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """stem, layer1..layer4 of the hybrid D's encoder for `image`."""
+    e = d.encoder
+    x = ((image + 1) / 2 - d.mean) / d.std
+    stem = e.relu(e.bn1(e.conv1(x)))
+    f1 = e.layer1(e.maxpool(stem))
+    f2 = e.layer2(f1)
+    f3 = e.layer3(f2)
+    return stem, f1, f2, f3, e.layer4(f3)
 
 
 def test_hybrid_rejects_size_not_divisible_by_32() -> None:

@@ -8,6 +8,10 @@
 Each "up" is a bilinear x2 up-sampling, a concatenation with the skip, and two conv3x3-BN-ReLU; the
 decoder widths are 8w, 8w, 4w, 2w, w with w = `cfg.decoder_width`. The last skip is the (normalised)
 input image itself, so the per-pixel head sees full-resolution pixels when it judges blur.
+
+`cfg.full_resolution_block=false` (a leaner D, not the paper's) drops that last block: the per-pixel
+head judges the S/2 features and its logits are up-sampled bilinearly to S. The full-resolution block
+(2w + 3 input channels at S x S) is a large share of the decoder's FLOPs and of its memory traffic.
 """
 
 from __future__ import annotations
@@ -77,6 +81,13 @@ def load_resnet_weights(encoder: nn.Module, path: str | Path) -> None:
     encoder.load_state_dict(state)
 
 
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last when `x` is laid out so (and not also plain contiguous), else contiguous_format."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
@@ -93,6 +104,10 @@ class UpBlock(nn.Module):
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        # The skip in the up-sampled tensor's dtype and layout: under autocast the input image is
+        # float32 and everything else bf16, and a mixed cat is a float32, channels-first copy that
+        # the convolution casts and reorders again (4x slower at full resolution; same values).
+        skip = skip.to(dtype=x.dtype, memory_format=memory_format_of(x))
         return self.conv(torch.cat([x, skip], dim=1))
 
 
@@ -111,15 +126,18 @@ class HybridDiscriminator(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         w = cfg.decoder_width
-        self.decoder = nn.ModuleList([
+        blocks = [
             UpBlock(2048, 1024, 8 * w),  # S/16
             UpBlock(8 * w, 512, 8 * w),  # S/8
             UpBlock(8 * w, 256, 4 * w),  # S/4
             UpBlock(4 * w, 64, 2 * w),  # S/2
             UpBlock(2 * w, 3, w),  # S
-        ])
+        ]
+        if not cfg.full_resolution_block:
+            blocks.pop()
+        self.decoder = nn.ModuleList(blocks)
         self.global_head = nn.Linear(2048, 1)
-        self.pixel_head = nn.Conv2d(w, 1, 1)
+        self.pixel_head = nn.Conv2d(w if cfg.full_resolution_block else 2 * w, 1, 1)
 
     def forward(self, image: Tensor) -> DiscOutput:
         x = ((image + 1) / 2 - self.mean) / self.std
@@ -134,5 +152,8 @@ class HybridDiscriminator(nn.Module):
             d = block(d, skip)
         # sigmoid in float32 so that the probabilities stay exact in [0, 1] under bf16/fp16 autocast
         global_prob = self.global_head(torch.flatten(e.avgpool(f4), 1)).float().sigmoid().squeeze(1)
-        pixel_prob = self.pixel_head(d).float().sigmoid()
+        pixel_logit = self.pixel_head(d)
+        if pixel_logit.shape[-2:] != image.shape[-2:]:
+            pixel_logit = F.interpolate(pixel_logit, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        pixel_prob = pixel_logit.float().sigmoid()
         return DiscOutput(global_prob, pixel_prob)
