@@ -363,7 +363,8 @@ class TrainingSession:
             sys.exit(EXIT_REQUEUE)
 
     def flush_losses(self, epoch: int) -> dict[str, float]:
-        """Read back the losses since the last flush; raise TrainingError on the first non-finite one.
+        """Read back the losses since the last flush (means over ranks: all ranks call it at the same
+        step) and log their means; raise TrainingError on the first non-finite one.
 
         `epoch` is 0-based here as everywhere in the code; records in metrics.jsonl count from 1.
         """
@@ -375,7 +376,9 @@ class TrainingSession:
                                for _, losses in self._pending_losses]).cpu()
         self._pending_losses.clear()
         finite = torch.isfinite(stacked)
-        if self._any_rank(not bool(finite.all())):
+        if self.world_size > 1:  # log each step's mean over ranks; a non-finite loss anywhere spreads
+            stacked = self.accelerator.reduce(stacked.to(self.device), reduction="sum").cpu() / self.world_size
+        if not bool(torch.isfinite(stacked).all()):
             self.close()
             latest = self.checkpoints.latest()
             kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
