@@ -350,7 +350,7 @@ class TrainingSession:
         if self._on_eval is not None and every.eval_every and step % every.eval_every == 0:
             self._on_eval()
         if epoch_done:
-            self.logger.scalars("epoch", step, epoch + 1, self._epoch_means())
+            self.logger.scalars("epoch", step, epoch + 1, self._epoch_means(reset=step % self.steps_per_epoch == 0))
             self._on_epoch_end(epoch)
         if checkpoint_due:
             self.checkpoint()
@@ -404,11 +404,14 @@ class TrainingSession:
             self.state.epoch_sums[name] = self.state.epoch_sums.get(name, 0.0) + value
         self.state.rank_sums = {}
 
-    def _epoch_means(self) -> dict[str, float]:
-        """This epoch's mean of every loss over all steps and ranks; resets the sums."""
+    def _epoch_means(self, reset: bool) -> dict[str, float]:
+        """This epoch's mean of every loss over all steps and ranks so far; `reset` (at the epoch's
+        end) starts the next epoch's sums. A run that stops inside an epoch (`max_steps`) keeps
+        them, so that a longer resumed run records the whole epoch."""
         self._fold_epoch_sums()
         means = {name: float(total) / self.state.epoch_steps for name, total in sorted(self.state.epoch_sums.items())}
-        self.state.epoch_sums, self.state.epoch_steps = {}, 0
+        if reset:
+            self.state.epoch_sums, self.state.epoch_steps = {}, 0
         return means
 
     def _any_rank(self, flag: bool) -> bool:
