@@ -143,14 +143,19 @@ class TrainingSession:
 
     def prepare(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """`accelerator.prepare` of one model and its optimiser; under DeepSpeed each model gets the
-        engine of the plugin called `name` (see `make_accelerator`), and with bf16/fp16 its inputs
-        are cast to the engine's dtype and its outputs back to float32, so the loops stay unchanged."""
+        engine of the plugin called `name` (see `make_accelerator`); a bf16/fp16 engine gets its
+        buffers in its dtype too, its inputs cast to that dtype and its outputs back to float32, so
+        the loops stay unchanged."""
         if self.uses_deepspeed and len(self.accelerator.state.deepspeed_plugins or {}) > 1:
             self.accelerator.state.select_deepspeed_plugin(name)
         model, optimizer = self.accelerator.prepare(model, optimizer)
-        if self.uses_deepspeed and self.accelerator.mixed_precision in ("bf16", "fp16"):
-            cast_floating_io(model.module, torch.bfloat16 if self.accelerator.mixed_precision == "bf16"
-                             else torch.float16)
+        if self.uses_deepspeed:
+            dtype = next(model.module.parameters()).dtype
+            if dtype != torch.float32:
+                for buffer in model.module.buffers():  # DeepSpeed casts parameters only, not BatchNorm's stats
+                    if buffer.is_floating_point():
+                        buffer.data = buffer.data.to(dtype)
+                cast_floating_io(model.module, dtype)
         return model, optimizer
 
     def optimize(self, loss: torch.Tensor, model: Any, optimizer: Any) -> None:
@@ -501,6 +506,8 @@ def cast_floating_io(module: torch.nn.Module, dtype: torch.dtype) -> None:
     def cast(value: Any, to: torch.dtype) -> Any:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.to(to)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple such as DiscOutput
+            return type(value)(*(cast(item, to) for item in value))
         if isinstance(value, (tuple, list)):
             return type(value)(cast(item, to) for item in value)
         if isinstance(value, dict):
