@@ -3,7 +3,9 @@
 `StageLock(stage_dir).acquire()` takes an exclusive `fcntl.flock` on `stage_dir/.lock` without
 waiting. The kernel drops the lock when the holding process ends in any way (exit, exception,
 SIGKILL, node reboot on a local disk), so there is no stale lock to clean up and a requeued Slurm
-job gets it as soon as the old one is gone. The holder writes who it is (host, pid, Slurm job id,
+job gets it as soon as the old one is gone. Forked children (DataLoader workers) close their copy
+of the lock's file descriptor at once, so that a holder killed before its workers does not leave
+the lock held by them. The holder writes who it is (host, pid, Slurm job id,
 start time) into the lock file, so that a refused second process can name it. On NFS v4 and Lustre
 (mounted with `flock`), `flock` is a cluster-wide lock as well.
 """
@@ -17,6 +19,22 @@ import socket
 import time
 from pathlib import Path
 from typing import IO
+
+
+_HELD: list[IO[str]] = []
+"""Lock files held by this process; a forked child closes its copies (see `_forget_in_child`)."""
+
+
+def _forget_in_child() -> None:
+    """In a forked child: close the inherited lock descriptors. A flock belongs to the open file,
+    shared with the parent until every copy is closed; closing (not LOCK_UN, which would release
+    the parent's lock) leaves the parent the only holder."""
+    for handle in _HELD:
+        handle.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class StageBusyError(RuntimeError):
@@ -49,9 +67,11 @@ class StageLock:
         handle.write(json.dumps(holder_record()) + "\n")
         handle.flush()
         self._handle = handle
+        _HELD.append(handle)
 
     def release(self) -> None:
         if self._handle is not None:
+            _HELD.remove(self._handle)
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None

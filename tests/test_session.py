@@ -32,12 +32,15 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 
 def test_a_second_process_on_a_busy_stage_folder_is_refused_naming_the_holder(tiny_shards, tmp_path):
     stage = tmp_path / "t" / "pretrain"
+    # the holder forks a child that outlives it, as DataLoader workers may outlive a killed main process
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hybridgan.lock import StageLock; "
-         "lock = StageLock(Path(sys.argv[1])); lock.acquire(); print('locked', flush=True); time.sleep(600)", str(stage)],
+        [sys.executable, "-c", "import os, sys, time; from pathlib import Path; from hybridgan.lock import StageLock; "
+         "lock = StageLock(Path(sys.argv[1])); lock.acquire(); child = os.fork(); "
+         "child or time.sleep(600); print('locked', child, flush=True); time.sleep(600)", str(stage)],
         cwd=REPO, env=dict(stage_env(), SLURM_JOB_ID="4242"), stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        word, child = holder.stdout.readline().split()
+        assert word == "locked"
         refused = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, *SHORT))
         line = _error_line(refused)
         assert str(stage) in line and f"pid {holder.pid}" in line and "Slurm job 4242" in line
@@ -45,10 +48,14 @@ def test_a_second_process_on_a_busy_stage_folder_is_refused_naming_the_holder(ti
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    # the kernel released the killed holder's lock: no stale lock
-    after = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, *SHORT))
-    assert after.returncode == 0, after.stderr[-2000:]
-    assert latest_step(stage) == 4
+    try:
+        # the kernel released the killed holder's lock, its living child holds nothing: no stale lock
+        after = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, *SHORT))
+        assert after.returncode == 0, after.stderr[-2000:]
+        assert latest_step(stage) == 4
+    finally:
+        assert int(child) > 0
+        os.kill(int(child), signal.SIGKILL)
 
 
 def test_a_read_only_run_root_is_one_line_naming_the_path(tiny_shards, tmp_path):
