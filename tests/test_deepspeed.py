@@ -17,22 +17,38 @@ def deepspeed_2_ranks(precision: str = "no") -> list[str]:
             "--num_machines", "1", "--mixed_precision", precision, "--main_process_port", str(free_port())]
 
 
+BASE = ["train.max_steps=6", "train.checkpoint_every=2", "train.batch_size=4", "discriminator.from_scratch=true"]
+
+
 @pytest.mark.slow
-def test_gan_training_under_deepspeed_zero2_with_one_engine_per_model(tiny_shards, tmp_path):
-    args = tiny_args(tiny_shards, tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.batch_size=4",
-                     "discriminator.from_scratch=true")
-    result = run_stage("hybridgan.train", args, launcher=deepspeed_2_ranks())
+def test_gan_training_under_deepspeed_zero2_with_one_engine_per_model_resumes_both_after_a_kill(tiny_shards, tmp_path):
+    result = run_stage("hybridgan.train", tiny_args(tiny_shards, tmp_path, "run.name=whole", *BASE),
+                       launcher=deepspeed_2_ranks())
     assert result.returncode == 0, result.stderr[-3000:]
-    stage = tmp_path / "t" / "train-hybrid"
-    [launch] = launches(stage)
+    reference = tmp_path / "whole" / "train-hybrid"
+    [launch] = launches(reference)
     assert launch["world_size"] == 2 and launch["distributed_type"].endswith("DEEPSPEED")
-    checkpoint = stage / "checkpoints" / "step-00000004"
+    assert launch["batch_size_per_rank"] == 2
+    checkpoint = reference / "checkpoints" / "step-00000006"
     assert (checkpoint / "pytorch_model").is_dir() and (checkpoint / "pytorch_model_1").is_dir()
-    records = read_records(stage, "train")
-    assert [r["step"] for r in records] == [2, 4]
+    records = read_records(reference, "train")
+    assert [r["step"] for r in records] == [2, 4, 6]
     assert all(0 < r["gen_pixel_loss"] < 10 and 0 <= r["disc_loss"] < 1 for r in records)
-    exported = load_file(str(stage / EXPORT_NAME))
+    exported = load_file(str(reference / EXPORT_NAME))
     assert exported and all(t.isfinite().all() for t in exported.values())
+
+    # the same run killed after a checkpoint and re-run: both engines resume to the same weights
+    args = tiny_args(tiny_shards, tmp_path, "run.name=killed", *BASE)
+    stage = tmp_path / "killed" / "train-hybrid"
+    kill_after_checkpoint("hybridgan.train", args, stage, min_step=2, launcher=deepspeed_2_ranks())
+    interrupted_at = latest_step(stage)
+    assert 2 <= interrupted_at < 6
+    resumed = run_stage("hybridgan.train", args, launcher=deepspeed_2_ranks())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["start_step"] for r in launches(stage)] == [0, interrupted_at]
+    assert_same_weights(reference / EXPORT_NAME, stage / EXPORT_NAME)
+    later = [r for r in records if r["step"] > interrupted_at]
+    assert later and later == [r for r in read_records(stage, "train") if r["step"] > interrupted_at]
 
 
 @pytest.mark.slow
@@ -51,23 +67,3 @@ def test_bf16_zero2_steps_give_finite_float32_losses_without_deepspeed_noise(tin
     # instead of writing into the progress bar
     warning = result.stderr.find("Setting accelerator to CPU")
     assert result.stderr.count("Setting accelerator to CPU") <= 1 and warning < result.stderr.find("train-hybrid:")
-
-
-@pytest.mark.slow
-def test_a_killed_deepspeed_run_resumes_both_engines_to_the_uninterrupted_weights(tiny_shards, tmp_path):
-    base = ["train.max_steps=6", "train.checkpoint_every=2", "train.batch_size=4", "discriminator.from_scratch=true"]
-    whole = run_stage("hybridgan.train", tiny_args(tiny_shards, tmp_path, "run.name=whole", *base),
-                      launcher=deepspeed_2_ranks())
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    args = tiny_args(tiny_shards, tmp_path, "run.name=killed", *base)
-    stage = tmp_path / "killed" / "train-hybrid"
-    kill_after_checkpoint("hybridgan.train", args, stage, min_step=2, launcher=deepspeed_2_ranks())
-    interrupted_at = latest_step(stage)
-    assert 2 <= interrupted_at < 6
-    resumed = run_stage("hybridgan.train", args, launcher=deepspeed_2_ranks())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["start_step"] for r in launches(stage)] == [0, interrupted_at]
-    reference = tmp_path / "whole" / "train-hybrid"
-    assert_same_weights(reference / EXPORT_NAME, stage / EXPORT_NAME)
-    later = [r for r in read_records(reference, "train") if r["step"] > interrupted_at]
-    assert later and later == [r for r in read_records(stage, "train") if r["step"] > interrupted_at]
