@@ -124,7 +124,11 @@ class TrainingSession:
         self._bar: tqdm | None = None
         self._last_checkpoint_step = -1
         self._lock_stage()
-        self._write_config()
+        try:
+            self._write_config()
+        except TrainingError:
+            self._lock.release()
+            raise
         self.accelerator.wait_for_everyone()
 
     def _lock_stage(self) -> None:
@@ -252,7 +256,11 @@ class TrainingSession:
         self.steps_per_epoch = steps_per_epoch
         self._on_epoch_end = on_epoch_end
         self._on_eval = on_eval
-        resumed_from = self._resume()
+        try:
+            resumed_from = self._resume()
+        except TrainingError:
+            self._lock.release()
+            raise
         self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step, say=self.print)
         self._record_launch(resumed_from)
         for signum in STOP_SIGNALS:
