@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from conftest import tiny_args, tiny_config
 from hybridgan.config import load_config, scaled_lr
 from hybridgan.pretrain import pretrain
-from hybridgan.session import EXIT_REQUEUE, TrainingError, build_adam
+from hybridgan.session import EXIT_REQUEUE, TrainingError, TrainingSession, build_adam
 from stage_runs import (REPO, accelerate_2_ranks, kill_after_checkpoint, latest_step, launches, read_records,
                         run_stage, stage_env)
 
@@ -145,3 +145,19 @@ def test_one_and_two_ranks_take_the_same_steps_per_epoch_and_resume_onto_two_ran
     # each train record is the mean over ranks of 2 steps, so the epoch's mean is the records' mean
     expected = sum(r["disc_loss"] for r in train) / len(train)
     assert epoch["disc_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_grad_clip_bounds_the_gradient_norm_only_when_asked(tiny_shards, tmp_path, clip):
+    cfg = tiny_config(tiny_shards, tmp_path, f"pretrain.grad_clip={clip}")
+    session = TrainingSession(cfg, "pretrain", cfg.pretrain)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    model, optimizer = session.prepare("disc", model, build_adam(model, cfg.pretrain))
+    session.optimize((model(torch.full((4, 8), 10.0)) ** 2).mean(), model, optimizer)
+    session.close()
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    if clip:
+        assert norm == pytest.approx(clip, rel=1e-4)
+    else:
+        assert norm > 1.0
