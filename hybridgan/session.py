@@ -51,6 +51,9 @@ from hybridgan.tracking import MetricsLogger
 EXIT_REQUEUE = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): not done, re-run to resume."""
 
+MIN_BATCH_PER_RANK = 2
+"""BatchNorm in training mode needs two images per rank (the generator's 1x1 bottleneck fails on one)."""
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Signals that checkpoint the current step and exit with EXIT_REQUEUE (Slurm, timeout, Ctrl-C)."""
 
@@ -113,6 +116,10 @@ class TrainingSession:
             raise TrainingError(f"{self.stage_key}.batch_size={stage_cfg.batch_size} (the global batch) is not "
                                 f"divisible by the world size {self.world_size}")
         self.batch_size_per_rank = stage_cfg.batch_size // self.world_size
+        if self.batch_size_per_rank < MIN_BATCH_PER_RANK:
+            raise TrainingError(f"{self.stage_key}.batch_size={stage_cfg.batch_size} (the global batch) on world size "
+                                f"{self.world_size} leaves {self.batch_size_per_rank} image per rank; BatchNorm needs "
+                                f"at least {MIN_BATCH_PER_RANK}: raise the batch (docs/scaling.md) or use fewer ranks")
         set_seed(cfg.run.seed, device_specific=False)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)

@@ -161,3 +161,11 @@ def test_grad_clip_bounds_the_gradient_norm_only_when_asked(tiny_shards, tmp_pat
         assert norm == pytest.approx(clip, rel=1e-4)
     else:
         assert norm > 1.0
+
+
+def test_one_image_per_rank_is_refused_naming_the_batch_before_anything_is_written(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "pretrain.batch_size=1")
+    with pytest.raises(TrainingError) as err:
+        TrainingSession(cfg, "pretrain", cfg.pretrain)
+    assert "pretrain.batch_size=1 (the global batch) on world size 1 leaves 1 image per rank" in str(err.value)
+    assert not (tmp_path / "t").exists()
