@@ -68,7 +68,7 @@ class MaskConfig:
 
 @dataclass
 class BlurConfig:
-    """Pretraining blur, in the 256x256 source frame (DESIGN.md)."""
+    """Pretraining blur, in the 256x256 source frame."""
 
     top_left: int = 80
     min_side: int = 64
@@ -113,11 +113,22 @@ class LossConfig:
 
 @dataclass
 class StageConfig:
-    """One training stage (pretrain or train): optimisation, schedule of logs and checkpoints."""
+    """One training stage (pretrain or train): optimisation, schedule of logs and checkpoints.
+
+    `batch_size` is the GLOBAL batch of one optimiser step, whatever the world size: each of R ranks
+    trains on `batch_size / R` images (it must divide). `lr` is used as given unless `lr_scaling`
+    asks to scale it with the batch against `reference_batch_size` (the paper's 16):
+    `linear` multiplies it by batch_size / reference_batch_size, `sqrt` by the square root of that.
+    `epochs` 0 leaves the length to `max_steps` alone (one of them must be > 0).
+    `grad_clip` > 0 clips the global gradient norm of every model (DDP and DeepSpeed alike); 0 is off.
+    """
 
     epochs: int = 5
     batch_size: int = 16
     lr: float = 8e-4
+    lr_scaling: str = "none"
+    reference_batch_size: int = 16
+    grad_clip: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     max_steps: int = 0
     log_every: int = 10
@@ -167,6 +178,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "fp16", "bf16", "auto"),
     "pretrain.channels_last": (False, True, "auto"),
     "train.channels_last": (False, True, "auto"),
+    "pretrain.lr_scaling": ("none", "linear", "sqrt"),
+    "train.lr_scaling": ("none", "linear", "sqrt"),
 }
 _POSITIVE = (
     "data.image_size", "pack.source_size", "pack.shard_size", "pack.workers", "mask.hole_size",
@@ -175,7 +188,7 @@ _POSITIVE = (
     "train.lr", "pretrain.log_every", "train.log_every", "pretrain.checkpoint_every",
     "train.checkpoint_every", "pretrain.keep_checkpoints", "train.keep_checkpoints",
     "eval.batch_size", "data.shuffle_buffer", "blur.min_side", "mask.min_box", "mask.strokes",
-    "mask.stroke_width",
+    "mask.stroke_width", "pretrain.reference_batch_size", "train.reference_batch_size",
 )
 _NON_NEGATIVE = (
     "pretrain.epochs", "train.epochs", "pretrain.max_steps", "train.max_steps", "data.workers",
@@ -183,7 +196,7 @@ _NON_NEGATIVE = (
     "loss.alpha", "loss.beta", "loss.gamma", "loss.epsilon", "loss.global_weight",
     "loss.pixel_weight", "blur.min_variance", "blur.top_left", "pretrain.eval_batches",
     "train.eval_batches", "eval.figure_rows", "loss.overlap", "loss.overlap_weight",
-    "generator.seam_blend",
+    "generator.seam_blend", "pretrain.grad_clip", "train.grad_clip",
 )
 
 
@@ -237,6 +250,11 @@ def _check_ranges(cfg: Config) -> None:
          "must be two numbers in [0, 1)"),
         ("train.betas", len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas),
          "must be two numbers in [0, 1)"),
+        # zero epochs would export an untrained model as if it were the stage's result
+        ("pretrain.epochs", cfg.pretrain.epochs > 0 or cfg.pretrain.max_steps > 0,
+         "must be > 0 unless pretrain.max_steps > 0 (it would export an untrained discriminator)"),
+        ("train.epochs", cfg.train.epochs > 0 or cfg.train.max_steps > 0,
+         "must be > 0 unless train.max_steps > 0 (it would export an untrained generator)"),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -277,6 +295,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise
         raise ConfigError(f"{path}{' with overrides' if overrides else ''}: {err}") from None
     return cfg
+
+
+def scaled_lr(stage: StageConfig) -> float:
+    """The stage's learning rate after its `lr_scaling` rule (see `StageConfig`)."""
+    ratio = stage.batch_size / stage.reference_batch_size
+    factor = {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[stage.lr_scaling]
+    return stage.lr * factor
 
 
 def to_yaml(cfg: Config) -> str:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from hybridgan.checkpoint import follow_umask
 from hybridgan.config import Config, to_yaml
 
 
@@ -34,6 +35,7 @@ def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, cfg: Conf
                for key, value in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"config": to_yaml(cfg), "model": model})
+    follow_umask(tmp)  # safetensors writes mode 0600
     os.replace(tmp, path)
     return path
 

@@ -129,9 +129,9 @@ def pretrain(cfg: Config) -> Path:
     """Run (or resume) the pretraining stage of `cfg`; returns the exported discriminator's path."""
     session = TrainingSession(cfg, STAGE, cfg.pretrain)
     job = BlurPretraining(cfg, session)
-    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.pretrain.batch_size, session.world_size)
+    steps_per_epoch = batches_per_epoch(cfg, "train", session.batch_size_per_rank, session.world_size)
     run_stage(session, steps_per_epoch, job.step, job.held_out,
-              lambda epoch: make_loader(cfg, "train", batch_size=cfg.pretrain.batch_size, epoch=epoch,
+              lambda epoch: make_loader(cfg, "train", batch_size=session.batch_size_per_rank, epoch=epoch,
                                         rank=session.rank, world_size=session.world_size, with_blur=True))
     path = job.export()
     session.finish()

@@ -3,10 +3,15 @@
 A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 - the Accelerator (CPU, one or many GPUs, many nodes, DeepSpeed: whatever `accelerate launch` set up;
   `mixed_precision` from the stage config),
-- the resolved config (`config.yaml`; a re-run with a different config is refused, naming the keys),
-- resume: re-running the same command loads `checkpoints/latest` and continues from its step,
-- checkpoints every `checkpoint_every` steps (and on SIGTERM/SIGUSR1, then exit code 75 so that a
-  scheduler requeues and the re-run resumes), keeping the last `keep_checkpoints`,
+- the stage folder's lock (`hybridgan.lock`): a second process on a busy folder is refused at once,
+- the resolved config (`config.yaml`; a re-run that changes the experiment is refused, naming the
+  keys; scheduling settings and a longer run are accepted and written back),
+- the global batch: `batch_size` images per optimiser step on any world size, `batch_size_per_rank`
+  on each rank,
+- resume: re-running the same command loads the newest intact checkpoint and continues from its
+  step, on the same or another world size,
+- checkpoints every `checkpoint_every` steps (and on SIGTERM/SIGUSR1/SIGINT, then exit code 75 so
+  that a scheduler requeues and the re-run resumes), keeping the last `keep_checkpoints`,
 - the NaN guard: a non-finite loss stops the run with one line naming the step and the loss, and
   the last good checkpoint stays the latest,
 - rank-0-only metrics (`metrics.jsonl`, TensorBoard) and the progress bar.
@@ -26,18 +31,39 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+if not torch.cuda.is_available():
+    # DeepSpeed would otherwise probe for an accelerator and log "Setting accelerator to CPU" from
+    # every rank, in the middle of the progress bar
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, broadcast_object_list,
+                              set_seed)
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from hybridgan.checkpoint import CheckpointManager
-from hybridgan.config import Config, StageConfig, add_config_arguments, config_from_args, save_config, to_yaml
+from hybridgan.checkpoint import CheckpointError, CheckpointManager, follow_umask
+from hybridgan.config import Config, StageConfig, add_config_arguments, config_from_args, scaled_lr, to_yaml
 from hybridgan.devices import resolve_mixed_precision, use_channels_last
+from hybridgan.lock import StageBusyError, StageLock
 from hybridgan.tracking import MetricsLogger
 
 EXIT_REQUEUE = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): not done, re-run to resume."""
+
+MIN_BATCH_PER_RANK = 2
+"""BatchNorm in training mode needs two images per rank (the generator's 1x1 bottleneck fails on one)."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""Signals that checkpoint the current step and exit with EXIT_REQUEUE (Slurm, timeout, Ctrl-C)."""
+
+RESCHEDULABLE = ("log_every", "checkpoint_every", "eval_every", "eval_batches", "keep_checkpoints", "compile",
+                 "channels_last", "cpu")
+"""Stage keys that a resume may change: they schedule the run without changing what it computes."""
+
+LENGTHS = ("epochs", "max_steps")
+"""Stage keys that a resume may raise (a longer run), never lower."""
 
 
 class TrainingError(RuntimeError):
@@ -46,19 +72,27 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Where a stage is, checkpointed with the models: the step, and the running sums of the
-    current epoch's losses (so that an epoch's means are exact even across a resume)."""
+    """Where a stage is, checkpointed with the models: the step, and the current epoch's losses.
+
+    An epoch's losses are kept as `epoch_sums`: sums over its steps of each step's mean over ranks
+    (the same on every rank), plus `rank_sums`, this rank's own sums since the last fold into
+    `epoch_sums` (`TrainingSession._fold_epoch_sums`, at checkpoints and at the epoch's end). Only
+    `epoch_sums` is checkpointed, so an epoch's means stay exact across a resume, also onto another
+    world size.
+    """
 
     step: int = 0
     epoch_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    rank_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     epoch_steps: int = 0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for name, value in losses.items():
-            self.epoch_sums[name] = self.epoch_sums.get(name, 0.0) + value.float()
+            self.rank_sums[name] = self.rank_sums.get(name, 0.0) + value.float()
         self.epoch_steps += 1
 
     def state_dict(self) -> dict[str, Any]:
+        assert not self.rank_sums, "fold the ranks' sums before saving"
         return {"step": self.step, "epoch_steps": self.epoch_steps,
                 "epoch_sums": {name: value.cpu() for name, value in self.epoch_sums.items()}}
 
@@ -66,6 +100,7 @@ class TrainState:
         self.step = int(state["step"])
         self.epoch_steps = int(state["epoch_steps"])
         self.epoch_sums = dict(state["epoch_sums"])
+        self.rank_sums = {}
 
 
 class TrainingSession:
@@ -75,36 +110,78 @@ class TrainingSession:
         self.cfg = cfg
         self.stage_cfg = stage_cfg
         self.dir = Path(cfg.run.root) / cfg.run.name / stage
+        self.stage_key = "pretrain" if stage_cfg is cfg.pretrain else "train"
         self.accelerator = make_accelerator(stage_cfg, models)
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if stage_cfg.batch_size % self.world_size:
+            raise TrainingError(f"{self.stage_key}.batch_size={stage_cfg.batch_size} (the global batch) is not "
+                                f"divisible by the world size {self.world_size}")
+        self.batch_size_per_rank = stage_cfg.batch_size // self.world_size
+        if self.batch_size_per_rank < MIN_BATCH_PER_RANK:
+            raise TrainingError(f"{self.stage_key}.batch_size={stage_cfg.batch_size} (the global batch) on world size "
+                                f"{self.world_size} leaves {self.batch_size_per_rank} image per rank; BatchNorm needs "
+                                f"at least {MIN_BATCH_PER_RANK}: raise the batch (docs/scaling.md) or use fewer ranks")
         set_seed(cfg.run.seed, device_specific=False)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
         self.checkpoints = CheckpointManager(self.accelerator, self.dir, stage_cfg.keep_checkpoints)
         self.logger = MetricsLogger(self.dir, enabled=False)
+        self._lock = StageLock(self.dir)
         self._stop_signal: int | None = None
         self._pending_losses: list[tuple[int, dict[str, torch.Tensor]]] = []
         self._bar: tqdm | None = None
         self._last_checkpoint_step = -1
-        self._write_config()
+        self._lock_stage()
+        try:
+            self._write_config()
+        except TrainingError:
+            self._lock.release()
+            raise
         self.accelerator.wait_for_everyone()
+
+    def _lock_stage(self) -> None:
+        """The main process takes the stage folder's lock for the session's life; every rank stops
+        with one line when it cannot (busy folder, or a folder it may not write)."""
+        problem = None
+        if self.is_main:
+            try:
+                self._lock.acquire()
+            except StageBusyError as err:
+                problem = str(err)
+            except OSError as err:
+                problem = f"{err.filename or self.dir}: cannot write the run folder ({err.strerror})"
+        if self._any_rank(problem is not None):
+            raise TrainingError(problem or f"{self.dir}: the main process could not take this stage folder")
 
     def prepare(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         """`accelerator.prepare` of one model and its optimiser; under DeepSpeed each model gets the
-        engine of the plugin called `name` (see `make_accelerator`)."""
+        engine of the plugin called `name` (see `make_accelerator`); a bf16/fp16 engine gets its
+        buffers in its dtype too, its inputs cast to that dtype and its outputs back to float32, so
+        the loops stay unchanged."""
         if self.uses_deepspeed and len(self.accelerator.state.deepspeed_plugins or {}) > 1:
             self.accelerator.state.select_deepspeed_plugin(name)
-        return self.accelerator.prepare(model, optimizer)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.uses_deepspeed:
+            dtype = next(model.module.parameters()).dtype
+            if dtype != torch.float32:
+                for buffer in model.module.buffers():  # DeepSpeed casts parameters only, not BatchNorm's stats
+                    if buffer.is_floating_point():
+                        buffer.data = buffer.data.to(dtype)
+                cast_floating_io(model.module, dtype)
+        return model, optimizer
 
     def optimize(self, loss: torch.Tensor, model: Any, optimizer: Any) -> None:
         """Backward and step of one model: through its own engine under DeepSpeed (Accelerate's
-        `backward` drives only the last engine prepared), else zero_grad, `accelerator.backward`, step."""
+        `backward` drives only the last engine prepared; the engine clips as its config says), else
+        zero_grad, `accelerator.backward`, clipping to `grad_clip` when set, step."""
         if self.uses_deepspeed:
             model.backward(loss)
             model.step()
             return
         optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
+        if self.stage_cfg.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.stage_cfg.grad_clip)
         optimizer.step()
 
     @property
@@ -129,22 +206,51 @@ class TrainingSession:
 
     def _write_config(self) -> None:
         """Every rank compares with the folder's config (so that all of them stop on a mismatch;
-        the other stage's and evaluation's settings do not count); the main process writes it when
-        the folder has none."""
+        the other stage's and evaluation's settings do not count). Keys that change the experiment
+        are refused by name; scheduling keys (`RESCHEDULABLE`, `data.workers`) and a longer run
+        (`LENGTHS` raised) are accepted, printed once and written into the folder's config. The main
+        process writes the config when the folder has none."""
         path = self.dir / "config.yaml"
-        if path.is_file():
-            old = OmegaConf.create(path.read_text())
-            new = OmegaConf.create(to_yaml(self.cfg))
-            other_stages = ("eval.", "train." if self.stage_cfg is self.cfg.pretrain else "pretrain.")
-            changed = [key for key in _changed_keys(OmegaConf.to_container(old), OmegaConf.to_container(new))
-                       if not key.startswith(other_stages)]
-            if changed:
-                raise TrainingError(
-                    f"{path}: this run folder was started with a different config "
-                    f"({', '.join(changed)}); resume with the same settings or choose another run.name")
+        if not path.is_file():
+            if self.is_main:
+                path.write_text(to_yaml(self.cfg))
+                follow_umask(path)
             return
+        old = OmegaConf.create(path.read_text())
+        new = OmegaConf.create(to_yaml(self.cfg))
+        other_stages = ("eval.", "train." if self.stage_key == "pretrain" else "pretrain.")
+        changed = [key for key in _changed_keys(OmegaConf.to_container(old), OmegaConf.to_container(new))
+                   if not key.startswith(other_stages)]
+        accepted = [key for key in changed if self._may_change_on_resume(key, OmegaConf.select(old, key),
+                                                                          OmegaConf.select(new, key))]
+        refused = [key + (" (may only be raised)" if key.split(".")[-1] in LENGTHS else "")
+                   for key in changed if key not in accepted]
+        if refused:
+            raise TrainingError(
+                f"{path}: this run folder was started with a different config ({', '.join(refused)}); "
+                f"resume with the same settings or choose another run.name")
+        if not accepted:
+            return
+        self.print(f"{path}: accepted on resume: " + ", ".join(
+            f"{key} {OmegaConf.select(old, key)} -> {OmegaConf.select(new, key)}" for key in accepted))
         if self.is_main:
-            save_config(self.cfg, path)
+            for key in accepted:
+                OmegaConf.update(old, key, OmegaConf.select(new, key))
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(OmegaConf.to_yaml(old))
+            follow_umask(tmp)
+            os.replace(tmp, path)
+
+    def _may_change_on_resume(self, key: str, old: Any, new: Any) -> bool:
+        """Whether `key` may go from `old` to `new` on resume (see `_write_config`)."""
+        stage, _, name = key.partition(".")
+        if key == "data.workers" or (stage == self.stage_key and name in RESCHEDULABLE):
+            return True
+        if stage != self.stage_key or name not in LENGTHS:
+            return False
+        if name == "max_steps":  # 0: no limit but epochs
+            return new == 0 or (old != 0 and new > old)
+        return new > old
 
     def start(self, total_steps: int, steps_per_epoch: int,
               on_epoch_end: Callable[[int], None], on_eval: Callable[[], None] | None = None) -> int:
@@ -158,31 +264,68 @@ class TrainingSession:
         self.steps_per_epoch = steps_per_epoch
         self._on_epoch_end = on_epoch_end
         self._on_eval = on_eval
-        latest = self.checkpoints.latest()
-        if latest is not None:
-            self.checkpoints.load(latest)
-            self._last_checkpoint_step = self.state.step
-            if not self.is_main:  # the checkpoint holds the sums of all ranks, loaded by every rank
-                self.state.epoch_sums = {n: torch.zeros_like(v) for n, v in self.state.epoch_sums.items()}
-            self.print(f"resumed {self.dir} from {latest.name} (step {self.state.step})")
-        self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step)
-        self._record_launch()
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            resumed_from = self._resume()
+        except TrainingError:
+            self._lock.release()
+            raise
+        self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step, say=self.print)
+        self._record_launch(resumed_from)
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
         if self.is_main:
             self._bar = tqdm(total=total_steps, initial=self.state.step, desc=self.dir.name,
                              dynamic_ncols=True, file=sys.stderr)
         return self.state.step
 
-    def _record_launch(self) -> None:
-        """Append how this (re)start ran to `launches.jsonl`: world size, device, precision, step."""
+    def _resume(self) -> dict[str, Any] | None:
+        """Load the newest intact checkpoint, if any (chosen by the main process: damaged ones are
+        moved aside and named); returns the world size and per-rank batch it was written with.
+
+        Onto another world size the run continues exactly: the global batch is the same (the config
+        check refuses another), global step g trains on the same images whatever the world size (the
+        loader's contract) and the epoch's loss sums are per-step means over ranks. DeepSpeed's ZeRO
+        checkpoints partition the optimizer state per rank, so there another world size is refused.
+        """
+        problem, name = None, None
+        if self.is_main:
+            try:
+                found = self.checkpoints.find_resume_point(self.print)
+                name = found.name if found else None
+            except (CheckpointError, OSError) as err:
+                problem = str(err)
+        if self._any_rank(problem is not None):
+            raise TrainingError(problem or f"{self.dir}: the main process found no usable checkpoint")
+        name = broadcast_object_list([name])[0] if self.world_size > 1 else name
+        if name is None:
+            return None
+        path = self.checkpoints.dir / name
+        saved = self.checkpoints.saved_with(path)
+        if saved and saved["world_size"] != self.world_size and self.uses_deepspeed:
+            raise TrainingError(f"{path}: written by {saved['world_size']} DeepSpeed ranks, cannot resume on "
+                                f"{self.world_size} (ZeRO partitions the optimizer state per rank); resume on "
+                                f"{saved['world_size']}")
+        self.checkpoints.load(path)
+        self._last_checkpoint_step = self.state.step
+        self.print(f"resumed {self.dir} from {name} (step {self.state.step})")
+        if saved and saved["world_size"] != self.world_size:
+            self.print(f"the checkpoint was written by {saved['world_size']} rank(s) x {saved['batch_size_per_rank']} "
+                       f"images, resumed on {self.world_size} x {self.batch_size_per_rank}: same global batch "
+                       f"{self.stage_cfg.batch_size}, same data order")
+        return saved
+
+    def _record_launch(self, resumed_from: dict[str, Any] | None) -> None:
+        """Append how this (re)start ran to `launches.jsonl`: world size, per-rank batch, device,
+        precision, step, and the world size of the checkpoint it resumed from."""
         if not self.is_main:
             return
         acc = self.accelerator
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
-                  "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
+                  "world_size": acc.num_processes, "batch_size_per_rank": self.batch_size_per_rank,
+                  "distributed_type": str(acc.distributed_type),
                   "device": str(acc.device), "mixed_precision": acc.mixed_precision,
-                  "start_step": self.state.step, "total_steps": self.total_steps}
+                  "start_step": self.state.step, "total_steps": self.total_steps,
+                  "resumed_from": resumed_from}
         with (self.dir / "launches.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -228,7 +371,7 @@ class TrainingSession:
         if self._on_eval is not None and every.eval_every and step % every.eval_every == 0:
             self._on_eval()
         if epoch_done:
-            self.logger.scalars("epoch", step, epoch + 1, self._epoch_means())
+            self.logger.scalars("epoch", step, epoch + 1, self._epoch_means(reset=step % self.steps_per_epoch == 0))
             self._on_epoch_end(epoch)
         if checkpoint_due:
             self.checkpoint()
@@ -241,7 +384,8 @@ class TrainingSession:
             sys.exit(EXIT_REQUEUE)
 
     def flush_losses(self, epoch: int) -> dict[str, float]:
-        """Read back the losses since the last flush; raise TrainingError on the first non-finite one.
+        """Read back the losses since the last flush (means over ranks: all ranks call it at the same
+        step) and log their means; raise TrainingError on the first non-finite one.
 
         `epoch` is 0-based here as everywhere in the code; records in metrics.jsonl count from 1.
         """
@@ -253,7 +397,9 @@ class TrainingSession:
                                for _, losses in self._pending_losses]).cpu()
         self._pending_losses.clear()
         finite = torch.isfinite(stacked)
-        if self._any_rank(not bool(finite.all())):
+        if self.world_size > 1:  # log each step's mean over ranks; a non-finite loss anywhere spreads
+            stacked = self.accelerator.reduce(stacked.to(self.device), reduction="sum").cpu() / self.world_size
+        if not bool(torch.isfinite(stacked).all()):
             self.close()
             latest = self.checkpoints.latest()
             kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
@@ -268,13 +414,26 @@ class TrainingSession:
             self._bar.set_postfix({n: f"{v:.4f}" for n, v in means.items()}, refresh=False)
         return means
 
-    def _epoch_means(self) -> dict[str, float]:
-        """This epoch's mean of every loss over all steps and ranks; resets the sums."""
-        names = sorted(self.state.epoch_sums)
-        sums = torch.stack([self.state.epoch_sums[n].to(self.device) for n in names])
-        sums = self.accelerator.reduce(sums, reduction="sum") / (self.state.epoch_steps * self.world_size)
-        self.state.epoch_sums, self.state.epoch_steps = {}, 0
-        return dict(zip(names, sums.tolist()))
+    def _fold_epoch_sums(self) -> None:
+        """Add the mean over ranks of the ranks' own loss sums to `state.epoch_sums` (all ranks)."""
+        if not self.state.rank_sums:
+            return
+        names = sorted(self.state.rank_sums)
+        sums = torch.stack([self.state.rank_sums[n].to(self.device) for n in names])
+        means = (self.accelerator.reduce(sums, reduction="sum") / self.world_size).cpu()
+        for name, value in zip(names, means.unbind()):
+            self.state.epoch_sums[name] = self.state.epoch_sums.get(name, 0.0) + value
+        self.state.rank_sums = {}
+
+    def _epoch_means(self, reset: bool) -> dict[str, float]:
+        """This epoch's mean of every loss over all steps and ranks so far; `reset` (at the epoch's
+        end) starts the next epoch's sums. A run that stops inside an epoch (`max_steps`) keeps
+        them, so that a longer resumed run records the whole epoch."""
+        self._fold_epoch_sums()
+        means = {name: float(total) / self.state.epoch_steps for name, total in sorted(self.state.epoch_sums.items())}
+        if reset:
+            self.state.epoch_sums, self.state.epoch_steps = {}, 0
+        return means
 
     def _any_rank(self, flag: bool) -> bool:
         """`flag` or-ed over all ranks (every rank must call it at the same step)."""
@@ -284,7 +443,7 @@ class TrainingSession:
         return total.item() > 0
 
     def _stop_requested(self) -> bool:
-        """True on every rank when any rank got SIGTERM/SIGUSR1.
+        """True on every rank when any rank got one of `STOP_SIGNALS`.
 
         One process checks every step; several agree at log steps only (an all-reduce and a
         host-device sync per step would cost more), so set `log_every` to a few steps' time well
@@ -300,25 +459,23 @@ class TrainingSession:
     def checkpoint(self) -> None:
         """Save a checkpoint of the current step, once (all ranks must call it).
 
-        Accelerate saves registered objects from the main process only, so the epoch's running
-        loss sums of all ranks are first summed into the main process's (zeros elsewhere).
+        Accelerate saves registered objects from the main process only, so the ranks' running loss
+        sums are first folded into the epoch sums every rank holds alike.
         """
         if self._last_checkpoint_step == self.state.step:
             return
-        if self.world_size > 1 and self.state.epoch_sums:
-            names = sorted(self.state.epoch_sums)
-            total = self.accelerator.reduce(torch.stack([self.state.epoch_sums[n].to(self.device) for n in names]),
-                                            reduction="sum")
-            total = total if self.is_main else torch.zeros_like(total)
-            self.state.epoch_sums = dict(zip(names, total.unbind()))
-        self.checkpoints.save(self.state.step)
+        self._fold_epoch_sums()
+        self.checkpoints.save(self.state.step, {"world_size": self.world_size,
+                                                "batch_size_per_rank": self.batch_size_per_rank})
         self._last_checkpoint_step = self.state.step
 
     def close(self) -> None:
+        """Close the progress bar and the metrics, and release the stage folder."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         self.logger.close()
+        self._lock.release()
 
     def finish(self) -> None:
         """Final checkpoint (if the last step has none yet) and close."""
@@ -349,16 +506,39 @@ def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...]) -> Acceler
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu),
                               kwargs_handlers=handlers, deepspeed_plugins=plugins)
     for plugin in accelerator.state.deepspeed_plugins.values():
-        # Our loaders are not prepared by Accelerate, so DeepSpeed cannot read the batch size off them.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = stage_cfg.batch_size
+        # Our loaders are not prepared by Accelerate, so DeepSpeed cannot read the batch size off them;
+        # the objective is the DDP path's: clipping only when the stage config asks (0 is off).
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
+            1, stage_cfg.batch_size // accelerator.num_processes)
+        plugin.deepspeed_config["gradient_clipping"] = stage_cfg.grad_clip
     return accelerator
 
 
+def cast_floating_io(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hooks on `module`: floating-point tensor inputs are cast to `dtype` (the dtype of a DeepSpeed
+    bf16/fp16 engine's weights), floating-point tensor outputs back to float32, so that the losses
+    are computed in float32 and callers pass float32 as everywhere else."""
+
+    def cast(value: Any, to: torch.dtype) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(to)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple such as DiscOutput
+            return type(value)(*(cast(item, to) for item in value))
+        if isinstance(value, (tuple, list)):
+            return type(value)(cast(item, to) for item in value)
+        if isinstance(value, dict):
+            return {key: cast(item, to) for key, item in value.items()}
+        return value
+
+    module.register_forward_pre_hook(lambda _module, args: cast(args, dtype))
+    module.register_forward_hook(lambda _module, _args, output: cast(output, torch.float32))
+
+
 def build_adam(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.optim.Adam:
-    """Adam with the stage's lr and betas; fused on CUDA where PyTorch offers it."""
+    """Adam with the stage's betas and lr (after its `lr_scaling` rule): fused kernels on CUDA and
+    on the CPU (PyTorch >= 2.4 has a fused CPU Adam)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = torch.cuda.is_available() and not stage_cfg.cpu
-    return torch.optim.Adam(params, lr=stage_cfg.lr, betas=tuple(stage_cfg.betas), fused=fused or None)
+    return torch.optim.Adam(params, lr=scaled_lr(stage_cfg), betas=tuple(stage_cfg.betas), fused=True)
 
 
 def speed_up(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.nn.Module:
@@ -376,9 +556,9 @@ def run_stage(session: TrainingSession, steps_per_epoch: int,
     """The loop both stages share: `epochs` x `steps_per_epoch` steps (or `max_steps`), resumable."""
     stage_cfg = session.stage_cfg
     if steps_per_epoch < 1:
-        raise TrainingError(f"{session.cfg.data.shards}: too few training images for one batch of "
-                            f"{stage_cfg.batch_size} per rank on {session.world_size} rank(s)")
-    total = stage_cfg.epochs * steps_per_epoch
+        raise TrainingError(f"{session.cfg.data.shards}: too few training images for one global batch of "
+                            f"{stage_cfg.batch_size}")
+    total = stage_cfg.epochs * steps_per_epoch if stage_cfg.epochs else stage_cfg.max_steps
     if stage_cfg.max_steps:
         total = min(total, stage_cfg.max_steps)
     session.start(total, steps_per_epoch, on_epoch_end, on_eval)
@@ -394,7 +574,12 @@ def run_stage_cli(stage: Callable[[Config], Any], description: str, argv: list[s
     cfg = config_from_args(parser.parse_args(argv))
     try:
         stage(cfg)
-    except (TrainingError, ValueError, FileNotFoundError) as err:
+    except OSError as err:  # e.g. a read-only run folder: name the path, no traceback
+        if os.environ.get("HYBRIDGAN_DEBUG"):
+            raise
+        print(f"error: {f'{err.filename}: {err.strerror}' if err.filename else err}", file=sys.stderr)
+        sys.exit(1)
+    except (TrainingError, ValueError) as err:
         if os.environ.get("HYBRIDGAN_DEBUG"):
             raise
         # an error raised in a DataLoader worker comes back wrapped with the worker's traceback:

@@ -2,8 +2,9 @@
 
 Records carry `step`, `epoch` and `split` ("train", "epoch", "val", "test") plus scalars; the same
 scalars go to TensorBoard as `<split>/<name>`. On resume from step N, records after N (steps that
-will be trained again) are dropped from `metrics.jsonl` and TensorBoard purges them likewise, so
-every number in the run folder belongs to the weights that the checkpoints hold.
+will be trained again) are dropped from `metrics.jsonl`, saying how many, and TensorBoard purges
+them likewise, so every number in the run folder belongs to the weights that the checkpoints hold.
+Nothing else is ever removed: records up to N stay.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -21,21 +22,29 @@ from torch.utils.tensorboard import SummaryWriter
 class MetricsLogger:
     """Writes metrics and images when `enabled` (the main process); a no-op on other ranks."""
 
-    def __init__(self, stage_dir: Path, enabled: bool, resume_step: int = 0) -> None:
+    def __init__(self, stage_dir: Path, enabled: bool, resume_step: int = 0,
+                 say: Callable[[str], None] = print) -> None:
         self.enabled = enabled
         self.path = stage_dir / "metrics.jsonl"
         self.writer: SummaryWriter | None = None
         if not enabled:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
-        self._drop_records_after(resume_step)
+        self._drop_records_after(resume_step, say)
         purge = resume_step + 1 if resume_step > 0 else None
         self.writer = SummaryWriter(log_dir=str(stage_dir / "tb"), purge_step=purge)
 
-    def _drop_records_after(self, step: int) -> None:
+    def _drop_records_after(self, step: int, say: Callable[[str], None]) -> None:
+        """Drop the records after `step`, naming how many and from which step on (via `say`)."""
         if not self.path.is_file():
             return
-        kept = [record for record in read_records(self.path) if record["step"] <= step]
+        records = read_records(self.path)
+        kept = [record for record in records if record["step"] <= step]
+        if len(kept) == len(records):
+            return
+        dropped = [record["step"] for record in records if record["step"] > step]
+        say(f"{self.path}: resuming at step {step}: dropping {len(dropped)} record(s) of steps "
+            f"{min(dropped)}-{max(dropped)}, which will be trained and logged again")
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(tmp, self.path)

@@ -206,9 +206,9 @@ def train(cfg: Config) -> Path:
     """Run (or resume) GAN training of `cfg`; returns the exported generator's path."""
     session = TrainingSession(cfg, stage_name(cfg), cfg.train, models=("gen", "disc"))
     job = GanTraining(cfg, session)
-    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.train.batch_size, session.world_size)
+    steps_per_epoch = batches_per_epoch(cfg, "train", session.batch_size_per_rank, session.world_size)
     run_stage(session, steps_per_epoch, job.step, lambda epoch: job.validate(),
-              lambda epoch: make_loader(cfg, "train", batch_size=cfg.train.batch_size, epoch=epoch,
+              lambda epoch: make_loader(cfg, "train", batch_size=session.batch_size_per_rank, epoch=epoch,
                                         rank=session.rank, world_size=session.world_size),
               on_eval=job.validate)
     path = job.export()

@@ -74,6 +74,11 @@ def test_dotted_override_changes_value():
     ("blur.min_variance=-1", "blur.min_variance"),
     ("blur.max_side=200", "blur.max_side"),
     ("data.crop_fraction=1.5", "data.crop_fraction"),
+    ("pretrain.epochs=0", "pretrain.epochs"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.lr_scaling=cubic", "train.lr_scaling"),
+    ("pretrain.reference_batch_size=0", "pretrain.reference_batch_size"),
+    ("train.grad_clip=-1.0", "train.grad_clip"),
 ])
 def test_out_of_range_value_names_key_and_value(override, key):
     with pytest.raises(ConfigError) as err:
@@ -111,3 +116,17 @@ def test_out_of_range_value_in_a_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert _one_line(err) == f"{path}: train.betas=[0.5, 1.5] must be two numbers in [0, 1)"
+
+
+def test_zero_epochs_would_export_an_untrained_model_unless_max_steps_sets_the_length():
+    with pytest.raises(ConfigError, match="untrained discriminator"):
+        load_config(None, ["pretrain.epochs=0"])
+    with pytest.raises(ConfigError, match="untrained generator"):
+        load_config(None, ["train.epochs=0", "train.max_steps=0"])
+    assert load_config(None, ["train.epochs=0", "train.max_steps=5"]).train.max_steps == 5
+
+
+def test_batch_size_is_the_global_batch_with_lr_as_given_and_no_clipping_by_default():
+    paper = load_config(REPO / "configs/paper.yaml")
+    for stage in (paper.pretrain, paper.train):
+        assert (stage.batch_size, stage.lr_scaling, stage.reference_batch_size, stage.grad_clip) == (16, "none", 16, 0)

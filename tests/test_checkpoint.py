@@ -1,0 +1,122 @@
+"""Checkpoints: manifests, fallback to the newest intact checkpoint, damaged ones kept aside, umask."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from hybridgan.checkpoint import CheckpointError, CheckpointManager, verify_manifest
+from hybridgan.config import load_config
+from hybridgan.exports import save_export
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A stage folder with checkpoints of steps 3 and 6 of a tiny model (weight = step), and the
+    manager with its model."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+    manager = CheckpointManager(accelerator, tmp_path, keep=3)
+    for step in (3, 6):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        manager.save(step, {"world_size": 1, "batch_size_per_rank": 8})
+    return manager, model
+
+
+def _resume(manager: CheckpointManager, model: torch.nn.Module) -> tuple[str, list[str], float]:
+    """Resume point name, lines said, and the weight value after loading it."""
+    said: list[str] = []
+    path = manager.find_resume_point(said.append)
+    manager.load(path)
+    return path.name, said, model.weight[0, 0].item()
+
+
+def test_manifest_lists_every_file_with_size_and_hash_and_what_it_was_saved_with(saved):
+    manager, _ = saved
+    checkpoint = manager.dir / "step-00000006"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    names = {entry["name"] for entry in manifest["files"]}
+    assert "model.safetensors" in names and "optimizer.bin" in names
+    assert all(entry["size"] == (checkpoint / entry["name"]).stat().st_size for entry in manifest["files"])
+    assert manager.saved_with(checkpoint) == {"world_size": 1, "batch_size_per_rank": 8}
+    assert verify_manifest(checkpoint) is None
+    assert (manager.dir / "latest").read_text() == "step-00000006"
+
+
+def test_intact_latest_is_used_silently(saved):
+    assert _resume(*saved) == ("step-00000006", [], 6.0)
+
+
+def test_missing_pointer_resumes_from_the_newest_checkpoint_and_rewrites_it(saved):
+    manager, model = saved
+    (manager.dir / "latest").unlink()
+    name, said, weight = _resume(manager, model)
+    assert (name, weight) == ("step-00000006", 6.0)
+    assert len(said) == 1 and "latest: missing" in said[0]
+    assert (manager.dir / "latest").read_text() == "step-00000006"
+
+
+def test_dangling_pointer_resumes_from_the_newest_checkpoint(saved):
+    manager, model = saved
+    (manager.dir / "latest").write_text("step-00000099")
+    name, said, weight = _resume(manager, model)
+    assert (name, weight) == ("step-00000006", 6.0) and "step-00000099" in said[0]
+
+
+def test_truncated_weights_are_moved_aside_and_the_previous_checkpoint_is_used(saved):
+    manager, model = saved
+    weights = manager.dir / "step-00000006" / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    name, said, weight = _resume(manager, model)
+    assert (name, weight) == ("step-00000003", 3.0)
+    damaged = manager.dir / "damaged-step-00000006"
+    assert damaged.is_dir() and (damaged / "model.safetensors").stat().st_size == size // 2
+    assert any("step-00000006: damaged (model.safetensors has" in line and "damaged-step-00000006" in line
+               for line in said)
+    assert (manager.dir / "latest").read_text() == "step-00000003"
+
+
+def test_same_size_corruption_is_caught_by_the_hash(saved):
+    manager, model = saved
+    weights = manager.dir / "step-00000006" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    name, said, _ = _resume(manager, model)
+    assert name == "step-00000003" and "does not match its sha256" in said[-1]
+
+
+def test_all_checkpoints_damaged_is_one_clear_error_and_nothing_is_deleted(saved):
+    manager, _ = saved
+    for step in (3, 6):
+        os.truncate(manager.dir / f"step-{step:08d}" / "model.safetensors", 10)
+    with pytest.raises(CheckpointError) as err:
+        manager.find_resume_point(lambda line: None)
+    message = str(err.value)
+    assert "\n" not in message and "no intact checkpoint" in message
+    assert "damaged-step-00000003" in message and "damaged-step-00000006" in message
+    assert sorted(p.name for p in manager.dir.glob("damaged-*")) == ["damaged-step-00000003", "damaged-step-00000006"]
+
+
+def test_checkpoints_and_exports_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(4, 2)
+        model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+        checkpoint = CheckpointManager(accelerator, tmp_path, keep=1).save(1, {})
+        export = save_export(model.state_dict(), tmp_path / "generator.safetensors", load_config(), "generator")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*checkpoint.iterdir(), export]}
+    assert modes["model.safetensors"] == 0o640 and modes["generator.safetensors"] == 0o640
+    assert set(modes.values()) == {0o640}
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o750

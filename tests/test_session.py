@@ -1,0 +1,171 @@
+"""The training session: stage-folder lock, read-only folders, config on resume, resume without a
+pointer, SIGINT, global batch on 1 and 2 ranks and resume onto another world size."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import tiny_args, tiny_config
+from hybridgan.config import load_config, scaled_lr
+from hybridgan.pretrain import pretrain
+from hybridgan.session import EXIT_REQUEUE, TrainingError, TrainingSession, build_adam
+from stage_runs import (REPO, accelerate_2_ranks, kill_after_checkpoint, latest_step, launches, read_records,
+                        run_stage, stage_env)
+
+SHORT = ["pretrain.max_steps=4", "pretrain.checkpoint_every=2", "pretrain.eval_batches=0"]
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return lines[-1]
+
+
+def test_a_second_process_on_a_busy_stage_folder_is_refused_naming_the_holder(tiny_shards, tmp_path):
+    stage = tmp_path / "t" / "pretrain"
+    # the holder forks a child that outlives it, as DataLoader workers may outlive a killed main process
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; from pathlib import Path; from hybridgan.lock import StageLock; "
+         "lock = StageLock(Path(sys.argv[1])); lock.acquire(); child = os.fork(); "
+         "child or time.sleep(600); print('locked', child, flush=True); time.sleep(600)", str(stage)],
+        cwd=REPO, env=dict(stage_env(), SLURM_JOB_ID="4242"), stdout=subprocess.PIPE, text=True)
+    try:
+        word, child = holder.stdout.readline().split()
+        assert word == "locked"
+        refused = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, *SHORT))
+        line = _error_line(refused)
+        assert str(stage) in line and f"pid {holder.pid}" in line and "Slurm job 4242" in line
+        assert not (stage / "checkpoints").exists() and not (stage / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    try:
+        # the kernel released the killed holder's lock, its living child holds nothing: no stale lock
+        after = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, *SHORT))
+        assert after.returncode == 0, after.stderr[-2000:]
+        assert latest_step(stage) == 4
+    finally:
+        assert int(child) > 0
+        os.kill(int(child), signal.SIGKILL)
+
+
+def test_a_read_only_run_root_is_one_line_naming_the_path(tiny_shards, tmp_path):
+    if os.geteuid() == 0:  # root writes through file modes; /sys is a read-only file system
+        root = Path("/sys/hybridgan-runs")
+    else:
+        root = tmp_path / "read-only"
+        root.mkdir(mode=0o555)
+    result = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, root, *SHORT))
+    assert str(root) in _error_line(result)
+
+
+def test_resume_accepts_scheduling_and_a_longer_run_and_refuses_the_rest_by_name(tiny_shards, tmp_path, capsys):
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT))
+    stage = tmp_path / "t" / "pretrain"
+    for change, named in (("pretrain.lr=0.01", "pretrain.lr"), ("pretrain.max_steps=3", "pretrain.max_steps (may only"),
+                          ("pretrain.batch_size=4", "pretrain.batch_size")):
+        with pytest.raises(TrainingError, match=named.replace("(", r"\(")):
+            pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, change))
+    capsys.readouterr()
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6", "pretrain.log_every=3",
+                         "data.workers=1", "train.lr=0.5"))
+    out = capsys.readouterr().out
+    assert out.count("accepted on resume") == 1
+    assert "pretrain.log_every 2 -> 3" in out and "pretrain.max_steps 4 -> 6" in out and "data.workers 0 -> 1" in out
+    saved = OmegaConf.load(stage / "config.yaml")
+    assert (saved.pretrain.max_steps, saved.pretrain.log_every, saved.data.workers) == (6, 3, 1)
+    assert saved.train.lr == tiny_config(tiny_shards, tmp_path).train.lr  # the other stage's keys are not taken
+    assert [r["start_step"] for r in launches(stage)] == [0, 4]
+    assert latest_step(stage) == 6
+
+
+def test_resume_without_the_latest_pointer_keeps_every_logged_record(tiny_shards, tmp_path, capsys):
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT))
+    stage = tmp_path / "t" / "pretrain"
+    before = read_records(stage, "train")
+    (stage / "checkpoints" / "latest").unlink()
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
+    assert "latest: missing" in capsys.readouterr().out
+    assert [r["start_step"] for r in launches(stage)] == [0, 4]
+    assert read_records(stage, "train")[: len(before)] == before
+    assert [r["step"] for r in read_records(stage, "train")] == [2, 4, 6]
+
+
+def test_sigint_checkpoints_the_current_step_and_exits_75(tiny_shards, tmp_path):
+    args = tiny_args(tiny_shards, tmp_path, "pretrain.epochs=20", "pretrain.checkpoint_every=2",
+                     "pretrain.eval_batches=0")
+    stage = tmp_path / "t" / "pretrain"
+    proc = kill_after_checkpoint("hybridgan.pretrain", args, stage, min_step=2, sig=signal.SIGINT)
+    output = proc.stdout.read()
+    assert proc.returncode == EXIT_REQUEUE, output[-2000:]
+    stopped_at = latest_step(stage)
+    assert f"signal {int(signal.SIGINT)}: checkpointed {stage} at step {stopped_at}" in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert read_records(stage, "train")[-1]["step"] == stopped_at
+
+
+def test_global_batch_per_rank_and_the_lr_rule():
+    cfg = load_config(None, ["train.batch_size=64", "train.lr=0.0008"])
+    assert scaled_lr(cfg.train) == pytest.approx(0.0008)
+    linear = load_config(None, ["train.batch_size=64", "train.lr=0.0008", "train.lr_scaling=linear"])
+    assert scaled_lr(linear.train) == pytest.approx(0.0032)
+    sqrt = load_config(None, ["train.batch_size=64", "train.lr=0.0008", "train.lr_scaling=sqrt"])
+    assert scaled_lr(sqrt.train) == pytest.approx(0.0016)
+    adam = build_adam(torch.nn.Linear(2, 2), sqrt.train)
+    assert adam.param_groups[0]["lr"] == pytest.approx(0.0016) and adam.param_groups[0]["fused"]
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_take_the_same_steps_per_epoch_and_resume_onto_two_ranks(tiny_shards, tmp_path):
+    """Global batch 8: one rank x 8 images, then a resume on two real gloo ranks x 4 images, the
+    same 64 // 8 = 8 optimiser steps per epoch and an exact epoch mean over the change."""
+    pretrain(tiny_config(tiny_shards, tmp_path, "pretrain.max_steps=4", "pretrain.checkpoint_every=2",
+                         "pretrain.eval_batches=0"))
+    stage = tmp_path / "t" / "pretrain"
+    resumed = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, "pretrain.checkpoint_every=2",
+                                                        "pretrain.eval_batches=0"), launcher=accelerate_2_ranks())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first, second = launches(stage)
+    assert (first["world_size"], first["batch_size_per_rank"], first["total_steps"]) == (1, 8, 4)
+    assert (second["world_size"], second["batch_size_per_rank"], second["total_steps"]) == (2, 4, 8)
+    assert second["resumed_from"] == {"world_size": 1, "batch_size_per_rank": 8} and second["start_step"] == 4
+    assert "written by 1 rank(s) x 8 images, resumed on 2 x 4" in resumed.stdout
+    train = read_records(stage, "train")
+    partial, epoch = read_records(stage, "epoch")  # the first run's end inside the epoch, then the whole epoch
+    assert (partial["step"], epoch["step"]) == (4, 8) and [r["step"] for r in train] == [2, 4, 6, 8]
+    # each train record is the mean over ranks of 2 steps, so the epoch's mean is the records' mean
+    expected = sum(r["disc_loss"] for r in train) / len(train)
+    assert epoch["disc_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_grad_clip_bounds_the_gradient_norm_only_when_asked(tiny_shards, tmp_path, clip):
+    cfg = tiny_config(tiny_shards, tmp_path, f"pretrain.grad_clip={clip}")
+    session = TrainingSession(cfg, "pretrain", cfg.pretrain)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    model, optimizer = session.prepare("disc", model, build_adam(model, cfg.pretrain))
+    session.optimize((model(torch.full((4, 8), 10.0)) ** 2).mean(), model, optimizer)
+    session.close()
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    if clip:
+        assert norm == pytest.approx(clip, rel=1e-4)
+    else:
+        assert norm > 1.0
+
+
+def test_one_image_per_rank_is_refused_naming_the_batch_before_anything_is_written(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "pretrain.batch_size=1")
+    with pytest.raises(TrainingError) as err:
+        TrainingSession(cfg, "pretrain", cfg.pretrain)
+    assert "pretrain.batch_size=1 (the global batch) on world size 1 leaves 1 image per rank" in str(err.value)
+    assert not (tmp_path / "t").exists()
