@@ -199,3 +199,26 @@ def test_seam_blend_removes_a_step_along_the_border_and_keeps_the_context() -> N
     gen = ContextEncoder(GeneratorConfig(base_channels=8, bottleneck=16, seam_blend=4.0), 32, 16)
     out = gen(context * (1 - mask), mask)
     assert torch.equal(out * (1 - mask), context * (1 - mask))  # the known pixels exactly
+
+
+def test_seam_correction_equals_the_shepard_average_over_border_pixels() -> None:
+    """The FFT convolution gives, at every hole pixel, the weighted mean of the border mismatches."""
+    from hybridgan.models.generator import seam_correction
+
+    torch.manual_seed(0)
+    mask = torch.zeros(1, 1, 12, 12)
+    mask[..., 3:8, 2:9] = 1.0
+    masked = (torch.rand(1, 3, 12, 12) * 2 - 1) * (1 - mask)
+    filled = masked + mask * (torch.rand(1, 3, 12, 12) * 2 - 1)
+    radius = 2.0
+    hole = [(r, c) for r in range(12) for c in range(12) if mask[0, 0, r, c] > 0]
+    neighbours = {p: [(p[0] + dr, p[1] + dc) for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                      if 0 <= p[0] + dr < 12 and 0 <= p[1] + dc < 12 and mask[0, 0, p[0] + dr, p[1] + dc] == 0]
+                  for p in hole}
+    border = {p: masked[0][:, [n[0] for n in ns], [n[1] for n in ns]].mean(dim=1) - filled[0, :, p[0], p[1]]
+              for p, ns in neighbours.items() if ns}
+    expected = torch.zeros(3, 12, 12)
+    for p in hole:
+        weights = torch.tensor([1.0 / ((p[0] - b[0]) ** 2 + (p[1] - b[1]) ** 2 + radius**2) for b in border])
+        expected[:, p[0], p[1]] = torch.stack(list(border.values()), dim=1) @ (weights / weights.sum())
+    assert torch.allclose(seam_correction(filled, masked, mask, radius)[0], expected, atol=1e-5)

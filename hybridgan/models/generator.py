@@ -50,7 +50,6 @@ def init_dcgan_weights(module: nn.Module) -> None:
 _CROSS = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
 
 
-@torch.compiler.disable  # a per-image loop over data-dependent shapes: eager, also in a compiled G
 def seam_correction(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Tensor:
     """A smooth field inside the hole that removes the fill's mismatch with the context at the border.
 
@@ -68,27 +67,31 @@ def seam_correction(filled: Tensor, masked: Tensor, mask: Tensor, radius: float)
 
 
 def _shepard(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Tensor:
-    """The float32 body of `seam_correction`."""
+    """The float32 body of `seam_correction`.
+
+    The weights depend on the offset p - b only, so both weighted sums are convolutions with one
+    kernel, done by FFT on a 2S x 2S grid (offsets up to S - 1 never wrap around): the same numbers as
+    a loop over border pixels, without data-dependent shapes or host syncs, so it compiles and keeps
+    the step free of device-to-host waits.
+    """
     hole = mask[:, :1].float()
     known = 1.0 - hole
     cross = _CROSS.to(filled).view(1, 1, 3, 3)
     count = nn.functional.conv2d(known, cross, padding=1)
     outside = nn.functional.conv2d((masked * known).flatten(0, 1)[:, None], cross, padding=1).view_as(masked)
-    border = (hole > 0.5) & (count > 0)
-    mismatch = outside / count.clamp(min=1.0) - filled
-    correction = torch.zeros_like(filled)
+    border = hole * (count > 0).to(hole.dtype)
+    mismatch = (outside / count.clamp(min=1.0) - filled) * border
     size = filled.shape[-1]
-    for index in range(filled.shape[0]):
-        inside = torch.nonzero(hole[index, 0] > 0.5).to(filled.dtype)
-        edge = torch.nonzero(border[index, 0])
-        if inside.numel() == 0 or edge.numel() == 0:
-            continue
-        weights = 1.0 / (torch.cdist(inside, edge.to(filled.dtype)).square() + radius**2)
-        weights = weights / weights.sum(dim=1, keepdim=True)
-        values = mismatch[index][:, edge[:, 0], edge[:, 1]]  # [3, E]
-        flat = inside[:, 0].long() * size + inside[:, 1].long()
-        correction[index].view(3, -1)[:, flat] = values @ weights.T
-    return correction
+    grid = 2 * size
+    offset = torch.arange(grid, device=filled.device, dtype=filled.dtype)
+    offset = torch.minimum(offset, grid - offset).square()
+    kernel = torch.fft.rfft2(1.0 / (offset[:, None] + offset[None, :] + radius**2))
+
+    def weighted_sum(values: Tensor) -> Tensor:
+        spectrum = torch.fft.rfft2(values, s=(grid, grid)) * kernel
+        return torch.fft.irfft2(spectrum, s=(grid, grid))[..., :size, :size]
+
+    return hole * weighted_sum(mismatch) / weighted_sum(border).clamp(min=1e-6)
 
 
 class ContextEncoder(nn.Module):
