@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hybridgan.config import Config
-from hybridgan.data.loader import batches_per_epoch, make_loader
+from hybridgan.data.loader import batches_per_epoch, make_loader, to_device
 from hybridgan.data.manifest import ManifestError, shard_urls
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.inpaint import InpaintError, load_generator, resolve_export
@@ -131,14 +131,14 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
     collector = Collector(names, cfg.eval.figure_rows if accelerator.is_main_process else 0)
     masks_rng = torch.Generator().manual_seed(cfg.run.seed)
     loader = make_loader(cfg, split, batch_size=batch_size, train=False)
-    total = batches_per_epoch(cfg, split, batch_size, 1, train=False)
+    total = batches_per_epoch(cfg, split, batch_size, train=False)
     world, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(loader, desc=f"evaluate {split}", unit="batch", total=min(total, max_batches or total),
                disable=not accelerator.is_main_process)
     for index, batch in enumerate(bar):
         if max_batches and index >= max_batches:
             break
-        real = batch["image"].to(accelerator.device).float()
+        real = to_device(batch, accelerator.device)["image"]
         mask = make_masks(cfg.mask, cfg.data.image_size, real.shape[0], masks_rng).to(accelerator.device)
         if index % world != rank:
             continue

@@ -18,7 +18,7 @@ import torch
 from torchvision.utils import make_grid
 
 from hybridgan.config import Config
-from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed
+from hybridgan.data.loader import SplitLoader, batches_per_epoch, make_loader, stable_seed, to_device
 from hybridgan.exports import save_export
 from hybridgan.losses import blur_discriminator_loss
 from hybridgan.models import DiscOutput, build_discriminator
@@ -36,7 +36,8 @@ def blur_batch(batch: dict, device: torch.device, seed: int) -> tuple[torch.Tens
     ResNet compare images within the batch, which works in training mode and collapses to one class
     in evaluation mode (seen here: held-out accuracy stuck at 0.5 while training accuracy rose).
     """
-    image = batch["image"].to(device, non_blocking=True)
+    batch = to_device(batch, device)
+    image = batch["image"]
     coin = torch.rand(image.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
     blurred = coin.to(device).view(-1, 1, 1, 1)
     inputs = torch.where(blurred, batch["blurred"].to(device, non_blocking=True), image)
@@ -84,6 +85,7 @@ class BlurPretraining:
                 break
             if index % session.world_size != session.rank:
                 continue
+            batch = to_device(batch, session.device)
             seed = stable_seed(self.cfg.run.seed, "blur-coin-test", index)
             inputs, global_target, pixel_target = blur_batch(batch, session.device, seed)
             with acc.autocast():
@@ -124,10 +126,10 @@ def pretrain(cfg: Config) -> Path:
     """Run (or resume) the pretraining stage of `cfg`; returns the exported discriminator's path."""
     session = TrainingSession(cfg, STAGE, cfg.pretrain)
     job = BlurPretraining(cfg, session)
-    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.pretrain.batch_size, session.world_size)
+    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.pretrain.batch_size)
     run_stage(session, steps_per_epoch, job.step, job.held_out,
-              lambda epoch: make_loader(cfg, "train", batch_size=cfg.pretrain.batch_size, epoch=epoch,
-                                        rank=session.rank, world_size=session.world_size, with_blur=True))
+              SplitLoader(cfg, "train", batch_size=cfg.pretrain.batch_size, rank=session.rank,
+                          world_size=session.world_size, with_blur=True))
     path = job.export()
     session.finish()
     session.print(f"pretraining done: {path}")
