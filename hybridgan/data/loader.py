@@ -139,14 +139,14 @@ class BatchPlan:
             return self.length // self.batch_size
         return len(range(self.rank, math.ceil(self.length / self.batch_size), self.world_size))
 
-    def positions(self, batch: int) -> np.ndarray:
-        """Sequence positions of this rank's `batch`-th batch of the epoch."""
+    def positions(self, batches: range) -> list[np.ndarray]:
+        """Sequence positions of this rank's batches `batches` of the epoch, one array per batch."""
         if self.train:
             per_rank = self.batch_size // self.world_size
-            first = batch * self.batch_size + self.rank * per_rank
-            return np.arange(first, first + per_rank)
-        first = (self.rank + batch * self.world_size) * self.batch_size
-        return np.arange(first, min(first + self.batch_size, self.length))
+            first = np.asarray(batches)[:, None] * self.batch_size + self.rank * per_rank
+            return list(first + np.arange(per_rank))
+        firsts = [(self.rank + j * self.world_size) * self.batch_size for j in batches]
+        return [np.arange(first, min(first + self.batch_size, self.length)) for first in firsts]
 
     def worker_batches(self, worker: int, workers: int, start: int = 0) -> range:
         """The batches worker `worker` of `workers` (>= 1) produces, from batch `start` on."""
@@ -243,7 +243,7 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device | str, non_blocking: bool = True) -> dict[str, Any]:
-    """`batch` on `device`: uint8 images become float in [-1, 1] there (x / 127.5 - 1), other tensors
+    """`batch` on `device`: uint8 images become float in [-1, 1] there (x * (1 / 127.5) - 1), other tensors
     are moved as they are. Tensors already in float pass unchanged, so calling it twice is harmless."""
     moved: dict[str, Any] = {}
     for name, value in batch.items():
@@ -280,8 +280,7 @@ class _EpochBatches(IterableDataset):
         batches = plan.worker_batches(worker, workers, start)
         if not batches:
             return
-        positions = [plan.positions(j) for j in batches]
-        ids = [sequence[p] for p in positions]
+        ids = [sequence[p] for p in plan.positions(batches)]
         offsets = self.layout.offsets
         shards = [np.searchsorted(offsets, i, side="right") - 1 for i in ids]
         last_use = {int(s): n for n, batch_shards in enumerate(shards) for s in np.unique(batch_shards)}
