@@ -259,3 +259,36 @@ steps = [batch["key"] for batch in loader(0)]
 out = {"world_size": acc.num_processes, "steps": steps, "keys": [k for s in steps for k in s]}
 open(f"{sys.argv[2]}/rank{acc.process_index}.json", "w").write(json.dumps(out))
 """
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_a_worker_checkpoints_the_current_step(tiny_shards, tmp_path):
+    """Workers ignore the stop signals; the main process saves the step it is at and exits 75;
+    its workers do not outlive it."""
+    import os
+    import signal
+
+    import psutil
+    from conftest import tiny_args
+    from stage_runs import latest_step, start_stage, wait_for
+
+    args = tiny_args(tiny_shards, tmp_path, "data.workers=1", "pretrain.epochs=50",
+                     "pretrain.checkpoint_every=4", "pretrain.log_every=1")
+    stage = tmp_path / "t" / "pretrain"
+    proc = start_stage("hybridgan.pretrain", args)
+    try:
+        wait_for(lambda: latest_step(stage) >= 4 or proc.poll() is not None, 240, "a first checkpoint")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "no loader worker runs"
+        wait_for(lambda: latest_step(stage) != 4 or len((stage / "metrics.jsonl").read_text().splitlines()) > 5,
+                 60, "a step past the first checkpoint")
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, output
+    assert "Traceback" not in output and "killed by signal" not in output, output
+    assert latest_step(stage) > 4
+    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), 10,
+             "the workers to end")
