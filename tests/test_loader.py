@@ -292,3 +292,12 @@ def test_sigterm_to_the_process_group_with_a_worker_checkpoints_the_current_step
     assert latest_step(stage) > 4
     wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), 10,
              "the workers to end")
+
+
+def test_resampled_epochs_hold_samples_per_epoch_in_all(shards):
+    cfg = _cfg(shards, "data.resampled=true", "data.samples_per_epoch=24")
+    assert batches_per_epoch(cfg, "train", 4) == 6
+    ranks = _all_ranks(cfg, 2, 0, batch=4, epoch=2)
+    assert [len(_keys(r)) for r in ranks] == [12, 12]
+    assert _keys(_epoch(cfg, epoch=2, workers=0)) == [k for a, b in zip(*ranks) for k in a["key"] + b["key"]]
+    assert _keys(_epoch(cfg, epoch=2)) != _keys(_epoch(cfg, epoch=3))
