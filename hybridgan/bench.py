@@ -185,13 +185,14 @@ def _worker_list(text: str) -> list[int]:
 
 def time_loader(cfg: Config, workers: int, batches: int, batch_size: int) -> dict[str, Any]:
     """Read `batches` train batches (over as many epochs as needed); timings and images/s."""
-    from hybridgan.data.loader import make_loader
+    from hybridgan.data.loader import SplitLoader
 
     start = time.perf_counter()
     first = None
     seen = images = 0
+    loader = SplitLoader(cfg, "train", batch_size=batch_size, workers=workers)
     for epoch in count():
-        for batch in make_loader(cfg, "train", batch_size=batch_size, epoch=epoch, workers=workers):
+        for batch in loader(epoch):
             if first is None:
                 first = time.perf_counter()
             else:
@@ -274,12 +275,13 @@ def synthetic_batches(cfg: Config, batch_size: int, device: torch.device) -> Ite
 
 def shard_batches(cfg: Config, stage: str, batch_size: int, session: TrainingSession) -> Iterator[dict[str, Any]]:
     """This rank's train batches from `data.shards`, epoch after epoch, as the stage's loop reads them."""
-    from hybridgan.data.loader import LoaderError, make_loader
+    from hybridgan.data.loader import LoaderError, SplitLoader
 
+    loader = SplitLoader(cfg, "train", batch_size=batch_size, rank=session.rank, world_size=session.world_size,
+                         with_blur=stage == "pretrain")
     for epoch in count():
         empty = True
-        for batch in make_loader(cfg, "train", batch_size=batch_size, epoch=epoch, rank=session.rank,
-                                 world_size=session.world_size, with_blur=stage == "pretrain"):
+        for batch in loader(epoch):
             empty = False
             yield batch
         if empty:

@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from hybridgan.config import Config
-from hybridgan.data.loader import batches_per_epoch, make_loader
+from hybridgan.data.loader import batches_per_epoch, make_loader, to_device
 from hybridgan.data.manifest import ManifestError, shard_urls
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.data.photo import PhotoError, open_photo, square_frame
@@ -194,7 +194,7 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
     masks_rng = torch.Generator().manual_seed(cfg.run.seed)
     if photos is None:
         loader = make_loader(cfg, split, batch_size=batch_size, train=False)
-        total = batches_per_epoch(cfg, split, batch_size, 1, train=False)
+        total = batches_per_epoch(cfg, split, batch_size, train=False)
     else:
         loader, total = photo_batches(photos, cfg, batch_size), math.ceil(len(photos) / batch_size)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -204,7 +204,7 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
     for index, batch in enumerate(bar):
         if max_batches and index >= max_batches:
             break
-        real = batch["image"].to(accelerator.device).float()
+        real = to_device(batch, accelerator.device)["image"]
         mask = make_masks(cfg.mask, cfg.data.image_size, real.shape[0], masks_rng).to(accelerator.device)
         first_face += real.shape[0]
         if index % world != rank:

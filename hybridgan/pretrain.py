@@ -18,7 +18,7 @@ import torch
 from torchvision.utils import make_grid
 
 from hybridgan.config import Config
-from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed
+from hybridgan.data.loader import SplitLoader, batches_per_epoch, make_loader, stable_seed, to_device
 from hybridgan.exports import save_export
 from hybridgan.losses import blur_discriminator_loss
 from hybridgan.models import DiscOutput, build_discriminator
@@ -36,11 +36,12 @@ def blur_batch(batch: dict, device: torch.device, coin_rng: torch.Generator) -> 
     ResNet compare images within the batch, which works in training mode and collapses to one class
     in evaluation mode (seen here: held-out accuracy stuck at 0.5 while training accuracy rose).
     """
-    image = batch["image"].to(device, non_blocking=True)
+    batch = to_device(batch, device)
+    image = batch["image"]
     coin = torch.rand(image.shape[0], generator=coin_rng, device=coin_rng.device) < 0.5
     blurred = coin.view(-1, 1, 1, 1)
-    inputs = torch.where(blurred, batch["blurred"].to(device, non_blocking=True), image)
-    pixel_target = torch.where(blurred, batch["blur_target"].to(device, non_blocking=True), 1.0)
+    inputs = torch.where(blurred, batch["blurred"], image)
+    pixel_target = torch.where(blurred, batch["blur_target"], 1.0)
     return inputs, (~blurred).flatten().float(), pixel_target
 
 
@@ -129,10 +130,10 @@ def pretrain(cfg: Config) -> Path:
     """Run (or resume) the pretraining stage of `cfg`; returns the exported discriminator's path."""
     session = TrainingSession(cfg, STAGE, cfg.pretrain)
     job = BlurPretraining(cfg, session)
-    steps_per_epoch = batches_per_epoch(cfg, "train", session.batch_size_per_rank, session.world_size)
+    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.pretrain.batch_size)
     run_stage(session, steps_per_epoch, job.step, job.held_out,
-              lambda epoch: make_loader(cfg, "train", batch_size=session.batch_size_per_rank, epoch=epoch,
-                                        rank=session.rank, world_size=session.world_size, with_blur=True))
+              SplitLoader(cfg, "train", batch_size=cfg.pretrain.batch_size, rank=session.rank,
+                          world_size=session.world_size, with_blur=True))
     path = job.export()
     session.finish()
     session.print(f"pretraining done: {path}")

@@ -332,21 +332,20 @@ class TrainingSession:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
-    def batches(self, loader_for_epoch: Callable[[int], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
+    def batches(self, loader: Callable[[int, int], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
         """(epoch, batch) pairs from the resumed step to `total_steps`, `steps_per_epoch` per epoch.
 
-        A resumed epoch replays its loader from the start and skips the batches already trained:
-        the loader is a pure function of (seed, epoch, rank), so the run continues on exactly the
-        batches an uninterrupted run would have seen.
+        `loader(epoch, start)` yields the epoch's batches from batch `start` on: the loader is a pure
+        function of (seed, epoch, position), so a resumed epoch continues on exactly the batches an
+        uninterrupted run would have seen, without decoding the ones already trained.
         """
         while self.state.step < self.total_steps:
             epoch = self.state.step // self.steps_per_epoch
             skip = self.state.step - epoch * self.steps_per_epoch
-            for index, batch in enumerate(loader_for_epoch(epoch)):
+            for index, batch in enumerate(loader(epoch, skip), start=skip):
                 if index >= self.steps_per_epoch or self.state.step >= self.total_steps:
                     break
-                if index >= skip:
-                    yield epoch, batch
+                yield epoch, batch
             if self.state.step < (epoch + 1) * self.steps_per_epoch and self.state.step < self.total_steps:
                 raise TrainingError(
                     f"epoch {epoch}: the loader ran out after {self.state.step - epoch * self.steps_per_epoch}"
@@ -552,7 +551,7 @@ def speed_up(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.nn.Module:
 
 def run_stage(session: TrainingSession, steps_per_epoch: int,
               step: Callable[[dict], dict[str, torch.Tensor]], on_epoch_end: Callable[[int], None],
-              loader_for_epoch: Callable[[int], Iterable[Any]], on_eval: Callable[[], None] | None = None) -> None:
+              loader: Callable[[int, int], Iterable[Any]], on_eval: Callable[[], None] | None = None) -> None:
     """The loop both stages share: `epochs` x `steps_per_epoch` steps (or `max_steps`), resumable."""
     stage_cfg = session.stage_cfg
     if steps_per_epoch < 1:
@@ -562,7 +561,7 @@ def run_stage(session: TrainingSession, steps_per_epoch: int,
     if stage_cfg.max_steps:
         total = min(total, stage_cfg.max_steps)
     session.start(total, steps_per_epoch, on_epoch_end, on_eval)
-    for epoch, batch in session.batches(loader_for_epoch):
+    for epoch, batch in session.batches(loader):
         session.end_step(epoch, step(batch))
 
 

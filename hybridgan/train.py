@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.utils import make_grid
 
 from hybridgan.config import Config
-from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed
+from hybridgan.data.loader import SplitLoader, batches_per_epoch, make_loader, stable_seed, to_device
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError, load_export, save_export
 from hybridgan.losses import discriminator_joint_loss, generator_joint_loss
@@ -138,7 +138,7 @@ class GanTraining:
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One GAN step on `batch`; returns detached device tensors (read back at log steps only)."""
-        real = batch["image"].to(self.session.device, non_blocking=True)
+        real = to_device(batch, self.session.device)["image"]
         mask = self.masks(real.shape[0])
         fake = self.gen(apply_mask(real, mask), mask)
         return {**self.discriminator_step(real, fake.detach(), mask), **self.generator_step(real, fake, mask)}
@@ -163,7 +163,7 @@ class GanTraining:
         for index, batch in enumerate(make_loader(cfg, "val", batch_size=cfg.train.batch_size)):
             if limit is not None and index >= limit:
                 break
-            real = batch["image"].to(session.device)
+            real = to_device(batch, session.device)["image"]
             mask = make_masks(cfg.mask, cfg.data.image_size, real.shape[0], rng_mask).to(session.device)
             if index % session.world_size != session.rank:
                 continue
@@ -206,10 +206,10 @@ def train(cfg: Config) -> Path:
     """Run (or resume) GAN training of `cfg`; returns the exported generator's path."""
     session = TrainingSession(cfg, stage_name(cfg), cfg.train, models=("gen", "disc"))
     job = GanTraining(cfg, session)
-    steps_per_epoch = batches_per_epoch(cfg, "train", session.batch_size_per_rank, session.world_size)
+    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.train.batch_size)
     run_stage(session, steps_per_epoch, job.step, lambda epoch: job.validate(),
-              lambda epoch: make_loader(cfg, "train", batch_size=session.batch_size_per_rank, epoch=epoch,
-                                        rank=session.rank, world_size=session.world_size),
+              SplitLoader(cfg, "train", batch_size=cfg.train.batch_size, rank=session.rank,
+                          world_size=session.world_size),
               on_eval=job.validate)
     path = job.export()
     session.finish()

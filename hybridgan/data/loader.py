@@ -1,29 +1,29 @@
-"""The data loader: a WebDataset pipeline over one split of a pack, deterministic to the bit.
+"""The data loader: exact epochs of one split of a pack on any number of ranks and workers.
 
-`make_loader(cfg, split, batch_size=..., epoch=..., rank=..., world_size=...)` returns a DataLoader of
-dict batches `{"image": float [B,3,S,S] in [-1,1], "key": [str]}`, plus `"blurred"` (same frame
-with the blur square, DESIGN.md) and `"blur_target"` (float [B,1,S,S]: 0 inside the square, 1 outside,
-fractional on edge pixels) when `with_blur`. Build one loader per epoch: the epoch is part of its seed.
+`SplitLoader(cfg, split, batch_size=B, rank=r, world_size=R, ...)` is built once per run; calling it
+with an epoch (`loader(epoch)`, or `loader(epoch, start=j)` to begin at batch j) returns that epoch's
+batches for rank r: dicts `{"image": uint8 [b,3,S,S], "key": [str]}`, plus `"blurred"` (uint8, the
+frame with the blur square) and `"blur_target"` (float32 [b,1,S,S]: 0 inside the square, 1 outside,
+fractional on edge pixels) when `with_blur`. `to_device(batch, device)` moves a batch to the device
+and turns its uint8 images into float in [-1, 1] there. `make_loader` is the one-shot form for
+evaluation passes. See docs/data-loading.md for the design and its reasons.
 
-Who reads what (no torch.distributed calls: rank and world size are arguments):
-- default (`data.resampled=false`): the split's shards (manifest order, already hash-shuffled by the
-  pack) go round-robin to ranks, then each rank's shards round-robin to its W = min(data.workers,
-  its shard count) workers. This assignment is the same every epoch, so every epoch has the same
-  number of batches; each worker reads its shards in an order shuffled per epoch. One epoch over all
-  ranks sees every sample exactly once.
-- `data.resampled=true`: every worker draws shards with replacement from the whole split, and each
-  rank yields `data.samples_per_epoch` samples per epoch (0: the split size / world size).
+The epoch as a global sample sequence (a pure function of the manifest, run.seed and the epoch):
+- training: the split's shards in an order shuffled per (seed, epoch); consecutive shards holding at
+  least `data.shuffle_buffer` samples form a group whose samples are permuted together per
+  (seed, epoch, group). With `data.resampled=true` the shards are drawn with replacement instead,
+  until the sequence holds `data.samples_per_epoch` samples (0: the split size).
+- evaluation: the shards and their samples in pack order.
 
-Randomness is a pure function of (run.seed, epoch, rank, worker, sample key), never of global RNG
-state: shard order and the shuffle buffer from (seed, epoch, rank, worker); crop, flip and blur from
-(seed, epoch, key). Evaluation splits are not shuffled or augmented, and their blur depends on
-(seed, key) only, so every evaluation sees identical batches.
+`batch_size` is the global batch B; rank r of R takes b = B / R samples of every global step. Training
+step g covers sequence positions [g*B, (g+1)*B), rank r the slice [g*B + r*b, g*B + (r+1)*b); an epoch
+has len(sequence) // B steps for every R, so every image is seen once per epoch, less fewer than B.
+Evaluation keeps the partial last batch: rank r takes batches j = r, r + R, ... of size B of the
+sequence. DataLoader worker w of W produces the rank's batches j with j % W == w, so PyTorch's
+in-order round-robin yields batches in order: global step g sees the same B images whatever R and W.
 
-Batches are built inside each worker; the DataLoader interleaves workers' batches in a fixed
-round-robin order. Training (`train=True`) drops each worker's last partial batch so that every batch
-is full; evaluation keeps it so that every sample is seen. `batches_per_epoch` returns the number of
-batches that every rank is guaranteed to yield (the minimum over ranks): a training loop that runs
-exactly that many steps on every rank keeps DDP ranks in lockstep.
+Augmentation (random crop, flip, blur) comes from (seed, epoch, key), evaluation's blur from (seed, key):
+never from global RNG state, ranks or workers.
 """
 
 from __future__ import annotations
@@ -31,24 +31,27 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import random
+import multiprocessing
+import re
+import signal
+import tarfile
+import weakref
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hybridgan.config import BlurConfig, Config
 from hybridgan.data.blur import blur_square, blur_target
-from hybridgan.data.manifest import shard_entries, split_count
+from hybridgan.data.manifest import shard_entries
+from hybridgan.data.preprocess import crop_box, face_pixels
 
 
 class LoaderError(ValueError):
-    """A split that cannot be read as asked (e.g. a rank without shards); one line naming the fix."""
+    """A split that cannot be read as asked (a bad batch size, an unreadable shard); one line."""
 
 
 def stable_seed(*parts: Any) -> int:
@@ -58,41 +61,116 @@ def stable_seed(*parts: Any) -> int:
 
 
 @dataclass(frozen=True)
-class _Assignment:
-    """What one rank reads in one epoch: per worker, the shard paths in order and a sample limit."""
+class SplitLayout:
+    """A split's shards as the manifest lists them: file paths and sample counts, in pack order."""
 
-    urls: tuple[tuple[str, ...], ...]
+    paths: tuple[str, ...]
     counts: tuple[int, ...]
-    resampled: bool
+
+    @classmethod
+    def read(cls, cfg: Config, split: str) -> SplitLayout:
+        entries = shard_entries(cfg.data.shards, split)
+        return cls(tuple(f"{cfg.data.shards}/{e['name']}" for e in entries),
+                   tuple(int(e["count"]) for e in entries))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Sample id of each shard's first sample (sample id = offset + index in the shard)."""
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
 
-def _assign(cfg: Config, split: str, *, train: bool, epoch: int, rank: int, world_size: int,
-            workers: int) -> _Assignment:
-    entries = shard_entries(cfg.data.shards, split)
-    paths = [f"{cfg.data.shards}/{e['name']}" for e in entries]
-    if cfg.data.resampled:
-        total = cfg.data.samples_per_epoch or math.ceil(split_count(cfg.data.shards, split) / world_size)
-        n = max(1, workers)
-        counts = tuple(total // n + (1 if w < total % n else 0) for w in range(n))
-        return _Assignment(tuple(tuple(paths) for _ in range(n)), counts, True)
-    mine = list(range(rank, len(entries), world_size))
-    if not mine:
-        raise LoaderError(f"{cfg.data.shards}: the {split} split has {len(entries)} shard(s), fewer than "
-                          f"the {world_size} ranks; re-pack with a smaller pack.shard_size or set "
-                          f"data.resampled=true")
-    n = max(1, min(workers, len(mine)))
-    urls, counts = [], []
-    for w in range(n):
-        ours = mine[w::n]
-        if train:
-            random.Random(stable_seed(cfg.run.seed, epoch, rank, w, "shards")).shuffle(ours)
-        urls.append(tuple(paths[i] for i in ours))
-        counts.append(sum(entries[i]["count"] for i in ours))
-    return _Assignment(tuple(urls), tuple(counts), False)
+def epoch_sequence(layout: SplitLayout, *, seed: int, epoch: int, train: bool, mix: int = 1,
+                   resampled: bool = False, samples: int = 0) -> np.ndarray:
+    """The epoch's global sample sequence: sample ids (see SplitLayout.offsets), int64.
+
+    Training: shards shuffled per (seed, epoch) (or drawn with replacement when `resampled`, until
+    `samples` samples, 0 = the split size), consecutive shards holding >= `mix` samples permuted
+    together per (seed, epoch, group). Evaluation: pack order.
+    """
+    offsets, counts = layout.offsets, np.asarray(layout.counts, dtype=np.int64)
+    if not train:
+        return np.arange(int(counts.sum()), dtype=np.int64)
+    rng = np.random.default_rng(stable_seed(seed, epoch, "shards"))
+    if resampled:
+        wanted = samples or int(counts.sum())
+        order, drawn = [], 0
+        while drawn < wanted:
+            order.append(int(rng.integers(len(counts))))
+            drawn += layout.counts[order[-1]]
+    else:
+        order = [int(i) for i in rng.permutation(len(counts))]
+    pieces, group, held = [], [], 0
+    for shard in order:
+        group.append(np.arange(offsets[shard], offsets[shard] + counts[shard], dtype=np.int64))
+        held += int(counts[shard])
+        if held >= mix:
+            pieces.append(_permuted(group, seed, epoch, len(pieces)))
+            group, held = [], 0
+    if group:
+        pieces.append(_permuted(group, seed, epoch, len(pieces)))
+    sequence = np.concatenate(pieces)
+    return sequence[:samples] if resampled and samples else sequence
+
+
+def _permuted(group: list[np.ndarray], seed: int, epoch: int, index: int) -> np.ndarray:
+    ids = np.concatenate(group)
+    return ids[np.random.default_rng(stable_seed(seed, epoch, "group", index)).permutation(len(ids))]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which sequence positions rank `rank` of `world_size` reads, batch by batch, in one epoch."""
+
+    length: int  # samples in the epoch's sequence
+    batch_size: int  # global batch B
+    rank: int
+    world_size: int
+    train: bool
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.batch_size % self.world_size:
+            raise LoaderError(f"batch size {self.batch_size} is not a positive multiple of the world size "
+                              f"{self.world_size}: every rank takes an equal share of the global batch")
+
+    @property
+    def batches(self) -> int:
+        """This rank's batches per epoch (training: the same on every rank)."""
+        if self.train:
+            return self.length // self.batch_size
+        return len(range(self.rank, math.ceil(self.length / self.batch_size), self.world_size))
+
+    def positions(self, batches: range) -> list[np.ndarray]:
+        """Sequence positions of this rank's batches `batches` of the epoch, one array per batch."""
+        if self.train:
+            per_rank = self.batch_size // self.world_size
+            first = np.asarray(batches)[:, None] * self.batch_size + self.rank * per_rank
+            return list(first + np.arange(per_rank))
+        firsts = [(self.rank + j * self.world_size) * self.batch_size for j in batches]
+        return [np.arange(first, min(first + self.batch_size, self.length)) for first in firsts]
+
+    def worker_batches(self, worker: int, workers: int, start: int = 0) -> range:
+        """The batches worker `worker` of `workers` (>= 1) produces, from batch `start` on."""
+        return range(start + worker, self.batches, workers)
+
+
+def batches_per_epoch(cfg: Config, split: str, batch_size: int, *, train: bool | None = None) -> int:
+    """Optimisation steps per epoch for a global batch of `batch_size` on any world size (training),
+    or batches of an evaluation pass on one rank (`train=False`, the partial last batch counted)."""
+    train = split == "train" if train is None else train
+    layout = SplitLayout.read(cfg, split)
+    length = len(_sequence(cfg, layout, epoch=0, train=train))
+    return BatchPlan(length, batch_size, 0, 1, train).batches
+
+
+def _sequence(cfg: Config, layout: SplitLayout, *, epoch: int, train: bool) -> np.ndarray:
+    return epoch_sequence(layout, seed=cfg.run.seed, epoch=epoch, train=train, mix=cfg.data.shuffle_buffer,
+                          resampled=cfg.data.resampled, samples=cfg.data.samples_per_epoch)
 
 
 @dataclass(frozen=True)
 class _Options:
+    """What turns one stored sample into arrays."""
+
     image_size: int
     crop_fraction: float
     hflip: bool
@@ -100,143 +178,177 @@ class _Options:
     with_blur: bool
     blur: BlurConfig
     seed: int
-    epoch: int
-    rank: int
-    batch_size: int
-    shuffle_buffer: int
 
 
-def _crop_flip(frame: int, opts: _Options, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
-    """The crop box (left, top, right, bottom) in the source frame, and whether to flip."""
-    if not opts.train:
-        return (0, 0, frame, frame), False
-    side = round(frame * opts.crop_fraction)
-    top, left = (int(v) for v in rng.integers(0, frame - side + 1, size=2))
-    flip = bool(opts.hflip and rng.random() < 0.5)
-    return (left, top, left + side, top + side), flip
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key and extension, as WebDataset splits them
 
 
-def _resize(image: Image.Image, size: int, box: tuple[float, ...], flip: bool,
-            resample: int = Image.BILINEAR) -> Image.Image:
-    image = image.resize((size, size), resample, box=box)
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
-
-
-def _decode(sample: dict[str, Any], opts: _Options) -> dict[str, Any]:
-    """One sample's arrays; a sample that does not decode is a LoaderError naming shard and key."""
+def read_shard(path: str, count: int) -> list[tuple[str, bytes]]:
+    """(key, JPEG bytes) of every sample of the shard at `path`, in tar order; a read error or a
+    sample count other than the manifest's `count` is a LoaderError naming the shard."""
+    samples: dict[str, bytes] = {}
     try:
-        return _decode_arrays(sample, opts)
-    except (KeyError, OSError, SyntaxError, ValueError) as err:
-        raise LoaderError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__')}: not a readable "
-                          f"JPEG ({err}); re-pack the dataset (python -m hybridgan.pack)") from None
+        with tarfile.open(path) as tar:
+            for member in tar:
+                match = _MEMBER.match(member.name)
+                if member.isfile() and match and match.group(2) == "jpg":
+                    samples[match.group(1)] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise LoaderError(f"{path}: cannot read the shard ({err}); re-pack the dataset "
+                          f"(python -m hybridgan.pack)") from None
+    if len(samples) != count:
+        raise LoaderError(f"{path}: the shard holds {len(samples)} samples, the manifest says {count}; "
+                          f"re-pack the dataset (python -m hybridgan.pack)")
+    return list(samples.items())
 
 
-def _decode_arrays(sample: dict[str, Any], opts: _Options) -> dict[str, Any]:
-    """One sample's arrays: image (and blurred, blur_target) at image_size, uint8 / float32."""
-    key = sample["__key__"]
-    rng = np.random.default_rng(stable_seed(opts.seed, opts.epoch if opts.train else "eval", key))
-    image = Image.open(io.BytesIO(sample["jpg"]))
-    frame = image.size[0]
-    box, flip = _crop_flip(frame, opts, rng)
+def decode_sample(key: str, jpeg: bytes, opts: _Options, epoch: int, url: str = "?") -> dict[str, Any]:
+    """One sample's arrays (see `_decode_arrays`); a sample that does not decode is a LoaderError
+    naming shard and key."""
+    try:
+        return _decode_arrays(key, jpeg, opts, epoch)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise LoaderError(f"{url}: sample {key}: not a readable JPEG ({err}); re-pack the dataset "
+                          f"(python -m hybridgan.pack)") from None
+
+
+def _decode_arrays(key: str, jpeg: bytes, opts: _Options, epoch: int) -> dict[str, Any]:
+    """image (and blurred, blur_target) at image_size: uint8 [S,S,3] / float32 [S,S], through
+    hybridgan.data.preprocess (a random crop and flip in training, the centred crop otherwise)."""
+    rng = np.random.default_rng(stable_seed(opts.seed, epoch if opts.train else "eval", key))
+    frame = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    side = frame.size[0]
+    box = crop_box(side, opts.crop_fraction, rng if opts.train else None)
+    flip = bool(opts.train and opts.hflip and rng.random() < 0.5)
     size = opts.image_size
-    if not opts.with_blur:
-        # Decode the JPEG at the smallest DCT scale that still gives >= size pixels across the crop.
-        wanted = math.ceil(frame * size / (box[2] - box[0]))
-        image.draft("RGB", (wanted, wanted))
-        scale = image.size[0] / frame
-        out = _resize(image.convert("RGB"), size, tuple(v * scale for v in box), flip)
-        return {"key": key, "image": np.asarray(out)}
-    source = np.asarray(image.convert("RGB"))
-    blurred, square = blur_square(source, rng, opts.blur)
-    target = Image.fromarray(blur_target(frame, square), mode="F")
-    return {"key": key,
-            "image": np.asarray(_resize(Image.fromarray(source), size, box, flip)),
-            "blurred": np.asarray(_resize(Image.fromarray(blurred), size, box, flip)),
-            "blur_target": np.asarray(_resize(target, size, box, flip, Image.BOX))}
-
-
-def _to_float(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 HxWx3 arrays -> float [B,3,H,W] in [-1, 1]. In NumPy: small torch ops in the main
-    process pay for intra-op thread hand-offs (several times slower on a busy 2-core machine)."""
-    batch = np.stack(images).transpose(0, 3, 1, 2).astype(np.float32, order="C")
-    batch *= 1 / 127.5
-    batch -= 1.0
-    return torch.from_numpy(batch)
+    arrays = {"key": key, "image": face_pixels(frame, size, box, flip)}
+    if opts.with_blur:
+        blurred, square = blur_square(np.asarray(frame), rng, opts.blur)
+        target = Image.fromarray(blur_target(side, square), mode="F")
+        arrays["blurred"] = face_pixels(Image.fromarray(blurred), size, box, flip)
+        arrays["blur_target"] = face_pixels(target, size, box, flip, Image.BOX)
+    return arrays
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {"key": [s["key"] for s in samples],
-                             "image": _to_float([s["image"] for s in samples])}
+    """uint8 [B,3,S,S] images (contiguous), float32 [B,1,S,S] blur targets, the keys."""
+    def images(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(np.stack([s[name] for s in samples]).transpose(0, 3, 1, 2)))
+
+    batch: dict[str, Any] = {"key": [s["key"] for s in samples], "image": images("image")}
     if "blurred" in samples[0]:
-        batch["blurred"] = _to_float([s["blurred"] for s in samples])
+        batch["blurred"] = images("blurred")
         batch["blur_target"] = torch.from_numpy(np.stack([s["blur_target"] for s in samples]))[:, None]
     return batch
 
 
-def _resampled_urls(urls: tuple[str, ...], rng: random.Random) -> Iterator[dict[str, str]]:
-    while True:
-        yield {"url": rng.choice(urls)}
+def to_device(batch: dict[str, Any], device: torch.device | str, non_blocking: bool = True) -> dict[str, Any]:
+    """`batch` on `device`: uint8 images become float in [-1, 1] there (x * (1 / 127.5) - 1), other tensors
+    are moved as they are. Tensors already in float pass unchanged, so calling it twice is harmless."""
+    moved: dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=non_blocking)
+            if value.dtype == torch.uint8:
+                value = value.float().mul_(1 / 127.5).sub_(1.0)
+        moved[name] = value
+    return moved
 
 
-class _SplitStream(IterableDataset):
-    """The batches of one rank for one epoch; each DataLoader worker reads its own shards."""
+class _EpochBatches(IterableDataset):
+    """The batches of one rank; the epoch and first batch come through shared memory, so that
+    persistent DataLoader workers serve every epoch of the run."""
 
-    def __init__(self, assignment: _Assignment, opts: _Options):
+    def __init__(self, layout: SplitLayout, cfg: Config, opts: _Options, *, batch_size: int, rank: int,
+                 world_size: int) -> None:
         super().__init__()
-        self.assignment, self.opts = assignment, opts
+        self.layout, self.opts = layout, opts
+        self.sequence_args = dict(seed=cfg.run.seed, train=opts.train, mix=cfg.data.shuffle_buffer,
+                                  resampled=cfg.data.resampled, samples=cfg.data.samples_per_epoch)
+        self.plan_args = dict(batch_size=batch_size, rank=rank, world_size=world_size, train=opts.train)
+        self.epoch_and_start = multiprocessing.RawArray("q", 2)
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, BatchPlan]:
+        sequence = epoch_sequence(self.layout, epoch=epoch, **self.sequence_args)
+        return sequence, BatchPlan(len(sequence), **self.plan_args)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        opts, urls = self.opts, self.assignment.urls[worker]
-        rng = random.Random(stable_seed(opts.seed, opts.epoch, opts.rank, worker, "samples"))
-        if self.assignment.resampled:
-            draws = random.Random(stable_seed(opts.seed, opts.epoch, opts.rank, worker, "resample"))
-            shards: Any = lambda: _resampled_urls(urls, draws)
-        else:
-            shards = wds.SimpleShardList(list(urls))
-        stages: list[Any] = [shards, wds.tarfile_to_samples()]
-        if opts.train:
-            stages.append(wds.shuffle(opts.shuffle_buffer, initial=opts.shuffle_buffer, rng=rng))
-        stages += [wds.map(lambda s: _decode(s, opts)),
-                   lambda src: islice(src, self.assignment.counts[worker]),
-                   wds.batched(opts.batch_size, collation_fn=_collate, partial=not opts.train)]
-        return iter(wds.DataPipeline(*stages))
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, start = self.epoch_and_start
+        sequence, plan = self.plan(epoch)
+        batches = plan.worker_batches(worker, workers, start)
+        if not batches:
+            return
+        ids = [sequence[p] for p in plan.positions(batches)]
+        offsets = self.layout.offsets
+        shards = [np.searchsorted(offsets, i, side="right") - 1 for i in ids]
+        last_use = {int(s): n for n, batch_shards in enumerate(shards) for s in np.unique(batch_shards)}
+        cache: dict[int, list[tuple[str, bytes]]] = {}
+        for n, (batch_ids, batch_shards) in enumerate(zip(ids, shards)):
+            samples = []
+            for sample_id, shard in zip(batch_ids.tolist(), batch_shards.tolist()):
+                if shard not in cache:
+                    cache[shard] = read_shard(self.layout.paths[shard], self.layout.counts[shard])
+                key, jpeg = cache[shard][sample_id - int(offsets[shard])]
+                samples.append(decode_sample(key, jpeg, self.opts, epoch, self.layout.paths[shard]))
+            yield _collate(samples)
+            for shard in [s for s in cache if last_use[s] <= n]:
+                del cache[shard]
 
 
-def _options(cfg: Config, *, batch_size: int, epoch: int, rank: int, train: bool,
-             with_blur: bool) -> _Options:
-    return _Options(cfg.data.image_size, cfg.data.crop_fraction, cfg.data.hflip, train, with_blur,
-                    cfg.blur, cfg.run.seed, epoch, rank, batch_size, cfg.data.shuffle_buffer)
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM, SIGINT and SIGUSR1 to the main process, which checkpoints and exits
+    (a signal to the process group reaches them too); they still end with it."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
-def make_loader(cfg: Config, split: str, *, batch_size: int, epoch: int = 0, rank: int = 0,
-                world_size: int = 1, train: bool | None = None, with_blur: bool = False,
-                workers: int | None = None) -> DataLoader:
-    """The batches of `split` for `rank` of `world_size` in `epoch` (see the module docstring).
+def _shut_down(loader: DataLoader) -> None:
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
-    `train` (default: split == "train") turns on shuffling, crop/flip augmentation and full batches
-    only; `workers` (default data.workers; 0 = in this process) caps the DataLoader workers.
+
+class SplitLoader:
+    """One rank's loader of `split` for a whole run: `loader(epoch, start=0)` iterates that epoch's
+    batches from batch `start` on (see the module docstring). Build it once: its DataLoader workers
+    persist across epochs.
+
+    `batch_size` is the global batch (a multiple of `world_size`); `train` (default: split == "train")
+    turns on shuffling, augmentation and full batches only; `workers` (default data.workers; 0 = in this
+    process); `pin_memory` (default: when CUDA is available) pins batches for non-blocking copies.
     """
-    train = split == "train" if train is None else train
-    workers = cfg.data.workers if workers is None else workers
-    assignment = _assign(cfg, split, train=train, epoch=epoch, rank=rank, world_size=world_size,
-                         workers=workers)
-    opts = _options(cfg, batch_size=batch_size, epoch=epoch, rank=rank, train=train, with_blur=with_blur)
-    num_workers = len(assignment.urls) if workers > 0 else 0
-    return DataLoader(_SplitStream(assignment, opts), batch_size=None, num_workers=num_workers,
-                      prefetch_factor=4 if num_workers else None)
+
+    def __init__(self, cfg: Config, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 train: bool | None = None, with_blur: bool = False, workers: int | None = None,
+                 pin_memory: bool | None = None, persistent: bool = True) -> None:
+        train = split == "train" if train is None else train
+        workers = cfg.data.workers if workers is None else workers
+        opts = _Options(cfg.data.image_size, cfg.data.crop_fraction, cfg.data.hflip, train, with_blur,
+                        cfg.blur, cfg.run.seed)
+        self.batches = _EpochBatches(SplitLayout.read(cfg, split), cfg, opts, batch_size=batch_size, rank=rank,
+                                     world_size=world_size)
+        self.batches.plan(0)  # a bad batch size fails here, before any worker starts
+        pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.loader = DataLoader(self.batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                 prefetch_factor=4 if workers else None,
+                                 persistent_workers=persistent and workers > 0,
+                                 worker_init_fn=_ignore_stop_signals if workers else None)
+        # Workers ignore SIGTERM, so multiprocessing's exit hook (terminate, then join) would wait for
+        # them forever: shut them down through their queues first.
+        weakref.finalize(self, _shut_down, self.loader)
+
+    def __len__(self) -> int:
+        """This rank's batches per epoch (of epoch 0; the same every epoch unless data.resampled)."""
+        return self.batches.plan(0)[1].batches
+
+    def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        self.batches.epoch_and_start[:] = [epoch, start]
+        return iter(self.loader)
 
 
-def batches_per_epoch(cfg: Config, split: str, batch_size: int, world_size: int, *,
-                      train: bool | None = None, workers: int | None = None) -> int:
-    """Batches per epoch that every one of `world_size` ranks yields (same `train`/`workers` as the loader)."""
-    train = split == "train" if train is None else train
-    workers = cfg.data.workers if workers is None else workers
-    per_rank = []
-    for rank in range(world_size):
-        counts = _assign(cfg, split, train=train, epoch=0, rank=rank, world_size=world_size,
-                         workers=workers).counts
-        per_worker = [n // batch_size if train else math.ceil(n / batch_size) for n in counts]
-        per_rank.append(sum(per_worker))
-    return min(per_rank)
+def make_loader(cfg: Config, split: str, *, batch_size: int, epoch: int = 0, **options: Any) -> Iterator[dict[str, Any]]:
+    """The batches of one pass over `split` in `epoch` (an evaluation pass, a test); the options are
+    SplitLoader's. Its workers end with the pass."""
+    return SplitLoader(cfg, split, batch_size=batch_size, persistent=False, **options)(epoch)
