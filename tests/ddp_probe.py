@@ -32,7 +32,7 @@ def main() -> None:
     gan = GanTraining(cfg, TrainingSession(cfg, "train-hybrid", cfg.train))
     keys: list[str] = []
     before = digest(gan.gen), digest(gan.disc)
-    loader = make_loader(cfg, "train", batch_size=4, epoch=0, rank=rank, world_size=world, with_blur=True)
+    loader = make_loader(cfg, "train", batch_size=8, epoch=0, rank=rank, world_size=world, with_blur=True)  # 4 a rank
     for index, batch in enumerate(loader):
         if index == 2:
             break

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, SMOKE, tiny_args, tiny_config
 from hybridgan.config import ConfigError
-from hybridgan.data.loader import make_loader, stable_seed
+from hybridgan.data.loader import make_loader, stable_seed, to_device
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError
 from hybridgan.metrics import HoleMetrics, mean_fill
@@ -49,6 +49,7 @@ def test_pixel_loss_falls_and_the_fill_beats_the_mean_colour(hybrid_run):
     val = read_records(stage, "val")[-1]
     baseline = HoleMetrics()
     for batch in make_loader(cfg, "val", batch_size=8):
+        batch = to_device(batch, "cpu")
         mask = make_masks(cfg.mask, cfg.data.image_size, batch["image"].shape[0])
         baseline.update(mean_fill(apply_mask(batch["image"], mask), mask), batch["image"], mask)
     assert val["psnr"] > baseline.compute()["psnr"] + 0.5
