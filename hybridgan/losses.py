@@ -1,4 +1,4 @@
-"""The paper's losses, eq. 1-6 (seed/paper.md §2.2.3), one function per equation.
+"""The paper's losses, eq. 1-6 (§2.2.3 of the paper; docs/paper.md), one function per equation.
 
 The paper writes every loss as ||target - x||_2^2; we take the MEAN of the squared error, not the
 sum: the paper's Table 2 values (gen_pixel_loss 0.19, gen_adv_loss 0.999 for a D that is sure every
@@ -120,7 +120,7 @@ def fake_loss(d_fake: DiscOutput, cfg: LossConfig, hole_mask: Tensor) -> Tensor:
     """Eq. 5, L_fake = ||Zeros - D(G(Mask_Img))||_2^2.
 
     The global target is 0. A composited fake is only fake inside the hole, so the per-pixel
-    target is 0 inside the hole and 1 outside, `1 - hole_mask` (DESIGN.md).
+    target is 0 inside the hole and 1 outside, `1 - hole_mask` (docs/paper.md).
     """
     return _weighted(d_fake, cfg, 0.0, 1.0 - hole_mask.float())
 

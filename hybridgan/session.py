@@ -130,6 +130,7 @@ class TrainingSession:
         self._stop_signal: int | None = None
         self._pending_losses: list[tuple[int, dict[str, torch.Tensor]]] = []
         self._bar: tqdm | None = None
+        self._previous_handlers: dict[int, Any] = {}
         self._last_checkpoint_step = -1
         self._lock_stage()
         try:
@@ -271,8 +272,7 @@ class TrainingSession:
             raise
         self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step, say=self.print)
         self._record_launch(resumed_from)
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
+        self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
         if self.is_main:
             self._bar = tqdm(total=total_steps, initial=self.state.step, desc=self.dir.name,
                              dynamic_ncols=True, file=sys.stderr)
@@ -469,7 +469,11 @@ class TrainingSession:
         self._last_checkpoint_step = self.state.step
 
     def close(self) -> None:
-        """Close the progress bar and the metrics, and release the stage folder."""
+        """Close the progress bar and the metrics, release the stage folder, and give the stop signals
+        back to whatever handled them before (a stage run inside a longer-lived process)."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
         if self._bar is not None:
             self._bar.close()
             self._bar = None

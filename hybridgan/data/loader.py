@@ -28,6 +28,7 @@ never from global RNG state, ranks or workers.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import math
@@ -302,6 +303,20 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     (a signal to the process group reaches them too); they still end with it."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _end_workers_at_exit() -> None:
+    """Workers ignore SIGTERM, so multiprocessing's own exit hook (terminate, then join without a
+    timeout) would wait forever for any worker still alive at exit, e.g. one of an iterator that an
+    exception kept from being closed: kill those first. Registered after multiprocessing's hook, so
+    it runs before it."""
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
+            process.join(timeout=5)
+
+
+atexit.register(_end_workers_at_exit)
 
 
 def _shut_down(loader: DataLoader) -> None:
