@@ -11,14 +11,15 @@ on `synthetic:N` into a temporary folder (synthetic drawing, JPEG encoding and t
 
 `pretrain` / `train`: images/s of the real `BlurPretraining.step` / `GanTraining.step` (D kind from
 `discriminator.kind`, D from scratch) at the stage's precision, channels_last and compile settings,
-in a throwaway run folder. The step time is split into data wait, G forward (train), D phase and
-G phase; with the
-model FLOPs per image come achieved TFLOP/s and MFU (known GPUs only), and the paper's speed for
-comparison. `--data synthetic` (default) feeds one random uint8 batch made once on the device (as
-the loader's batches, normalised by the step): the step's compute alone; `--data shards` reads `data.shards` with the real loader. `all`: the loader
-at `data.workers`, then pretrain, then train, into one JSON. Each stage also measures the machine in
-the same process, right before and after its timed steps (`machine_rates`: matmul and 3x3 convolution
-GFLOP/s, fp32 and bf16), and gives its GFLOP/s as a fraction of the best matmul rate.
+in a throwaway run folder. The step time is split into data wait, G forward (train), D phase and G
+phase; with the model FLOPs per image come achieved TFLOP/s and MFU (known GPUs only), and the
+paper's speed for comparison. `--data synthetic` (default) feeds one random uint8 batch made once on
+the device (as the loader's batches, normalised by the step): the step's compute alone; `--data
+shards` reads `data.shards` with the real loader. `all`: the loader at `data.workers`, then
+pretrain, then train, into one JSON. The JSON records the glibc `MALLOC_*` settings of the
+environment (`malloc_env`). Each stage also measures the machine in the same process, right before
+and after its timed steps (`machine_rates`: matmul and 3x3 convolution GFLOP/s, fp32 and bf16), and
+gives its GFLOP/s as a fraction of the best matmul rate.
 
 `matrix`: the train step for fp32/bf16 x eager/compiled x hybrid/Pathak D on the real loader, into
 benchmarks/results/<device>.json; it refuses to run without a GPU unless `--cpu`.
@@ -387,6 +388,7 @@ def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTime
         "stage": stage, "discriminator": "hybrid" if stage == "pretrain" else cfg.discriminator.kind,
         "device": name, "device_type": session.device.type, "threads": torch.get_num_threads(),
         "world_size": session.world_size, "load_average_1min": round(os.getloadavg()[0], 2),
+        "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
         "precision": session.accelerator.mixed_precision, "precision_setting": stage_cfg.mixed_precision,
         "batch_size": stage_cfg.batch_size, "image_size": cfg.data.image_size, "hole_size": cfg.mask.hole_size,
         "channels_last": stage_cfg.channels_last, "compile": stage_cfg.compile, "data": data,
