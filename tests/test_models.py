@@ -243,3 +243,15 @@ def test_bottleneck_products_keep_float32_under_cpu_autocast():
     assert torch.allclose(mixed, plain, atol=0.05)
     mixed.sum().backward()
     assert bf16_in.grad.dtype == torch.bfloat16 and bf16_in.grad.abs().sum() > 0
+
+
+def test_neighbour_sum_equals_the_cross_convolution_of_the_seam_blend():
+    """The seam blend's 4-neighbour sums: the same values as a 3x3 cross convolution with padding 1."""
+    from hybridgan.models.generator import _neighbour_sum
+
+    torch.manual_seed(0)
+    values = torch.randn(4, 3, 17, 16)
+    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    expected = F.conv2d(values.flatten(0, 1)[:, None], cross, padding=1).view_as(values)
+    assert torch.equal(_neighbour_sum(values), expected)
+    assert _neighbour_sum(values)[0, 0, 0, 0] == values[0, 0, 0, 1] + values[0, 0, 1, 0]  # a corner: 2 neighbours
