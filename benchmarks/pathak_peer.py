@@ -8,8 +8,10 @@ body of the inner loop of the checkout's train.py, run as it is written there wi
 PyTorch needs: `transforms.Scale` -> `Resize` (not used here: batches come from memory),
 `imageSize/2` -> `imageSize//2`, `.data[0]` -> `.item()` (in the print, which is left out), D's
 `view(-1, 1)` -> `view(-1)`, and `--overlapPred 0` (a true 64x64 hole). Ours is one
-`GanTraining.step` of `configs/paper.yaml` with `discriminator.kind=pathak` in fp32. Both: batch 16,
-128x128, 64x64 centre hole, the same synthetic faces, the same thread count. Each round times
+`GanTraining.step` of `configs/paper.yaml` with `discriminator.kind=pathak` in fp32, fed uint8 batches as our loader
+yields them (the step normalises them on the device with `to_device`); the peer gets the same faces
+as float in [-1, 1], as its DataLoader yields them. Both: batch 16, 128x128, 64x64 centre hole, the
+same thread count. Each round times
 `--steps` steps of one and then of the other (after one untimed warm-up step each), so both see the
 same load on a shared machine; the script prints the median img/s of each over the rounds, their
 ratio, and the FLOPs of one training step per image (forward and backward, counted by PyTorch's
@@ -38,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hybridgan.config import load_config  # noqa: E402
+from hybridgan.data.loader import to_device  # noqa: E402
 from hybridgan.data.synthetic import synthetic_face  # noqa: E402
 from hybridgan.session import TrainingSession  # noqa: E402
 from hybridgan.train import GanTraining  # noqa: E402
@@ -46,10 +49,14 @@ BATCH, SIZE = 16, 128
 
 
 def synthetic_batches(count: int) -> list[torch.Tensor]:
-    """`count` batches of synthetic faces, [16, 3, 128, 128] in [-1, 1]."""
-    faces = [np.asarray(synthetic_face(i, size=SIZE), dtype=np.float32) for i in range(count * BATCH)]
-    images = torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2) / 127.5 - 1
-    return list(images.split(BATCH))
+    """`count` batches of synthetic faces, uint8 [16, 3, 128, 128], as our loader yields them."""
+    faces = np.stack([np.asarray(synthetic_face(i, size=SIZE), dtype=np.uint8) for i in range(count * BATCH)])
+    return list(torch.from_numpy(faces).permute(0, 3, 1, 2).contiguous().split(BATCH))
+
+
+def as_float(batch: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch in [-1, 1] with our loader's normalisation: what the peer's DataLoader yields."""
+    return to_device({"image": batch}, "cpu")["image"]
 
 
 def load_peer_models(peer: Path) -> ModuleType:
@@ -139,13 +146,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batches = synthetic_batches(args.steps)
+    inputs = {"peer": [as_float(batch) for batch in batches], "ours": batches}
     with tempfile.TemporaryDirectory() as runs:
         sides = {"peer": peer_step(args.peer), "ours": our_step(Path(runs))}
-        flops = {name: step_flops_per_image(step, batches[0]) for name, step in sides.items()}
+        flops = {name: step_flops_per_image(step, inputs[name][0]) for name, step in sides.items()}
         rates: dict[str, list[float]] = {name: [] for name in sides}
         for round_index in range(args.rounds):
             for name, step in sides.items():
-                rates[name].append(images_per_second(step, batches))
+                rates[name].append(images_per_second(step, inputs[name]))
                 print(f"round {round_index + 1}: {name} {rates[name][-1]:.3f} img/s", flush=True)
     median = {name: statistics.median(values) for name, values in rates.items()}
     result = {"threads": args.threads, "batch": BATCH, "image_size": SIZE, "rounds": args.rounds,

@@ -11,13 +11,15 @@ on `synthetic:N` into a temporary folder (synthetic drawing, JPEG encoding and t
 
 `pretrain` / `train`: images/s of the real `BlurPretraining.step` / `GanTraining.step` (D kind from
 `discriminator.kind`, D from scratch) at the stage's precision, channels_last and compile settings,
-in a throwaway run folder. The step time is split into data wait, D phase and G phase; with the
-model FLOPs per image come achieved TFLOP/s and MFU (known GPUs only), and the paper's speed for
-comparison. `--data synthetic` (default) feeds one random batch made once on the device: the
-step's compute alone; `--data shards` reads `data.shards` with the real loader. `all`: the loader
-at `data.workers`, then pretrain, then train, into one JSON. Each stage also measures the machine in
-the same process, right before and after its timed steps (`machine_rates`: matmul and 3x3 convolution
-GFLOP/s, fp32 and bf16), and gives its GFLOP/s as a fraction of the best matmul rate.
+in a throwaway run folder. The step time is split into data wait, G forward (train), D phase and G
+phase; with the model FLOPs per image come achieved TFLOP/s and MFU (known GPUs only), and the
+paper's speed for comparison. `--data synthetic` (default) feeds one random uint8 batch made once on
+the device (as the loader's batches, normalised by the step): the step's compute alone; `--data
+shards` reads `data.shards` with the real loader. `all`: the loader at `data.workers`, then
+pretrain, then train, into one JSON. The JSON records the glibc `MALLOC_*` settings of the
+environment (`malloc_env`). Each stage also measures the machine in the same process, right before
+and after its timed steps (`machine_rates`: matmul and 3x3 convolution GFLOP/s, fp32 and bf16), and
+gives its GFLOP/s as a fraction of the best matmul rate.
 
 `matrix`: the train step for fp32/bf16 x eager/compiled x hybrid/Pathak D on the real loader, into
 benchmarks/results/<device>.json; it refuses to run without a GPU unless `--cpu`.
@@ -82,6 +84,22 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             return out
         return timed
+
+    def time_forward(self, name: str, module: torch.nn.Module) -> None:
+        """Add every forward of `module` to `seconds[name]` (forward hooks: the module stays the same
+        object, so the job's other uses of it are untouched)."""
+        started: list[float] = []
+
+        def before(*_: Any) -> None:
+            self.sync()
+            started.append(time.perf_counter())
+
+        def after(*_: Any) -> None:
+            self.sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started.pop()
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
 
 
 def device_name(device: torch.device) -> str:
@@ -157,8 +175,10 @@ def step_flops(stage: str, job: Any, session: TrainingSession, cfg: Config) -> d
     """Approximate FLOPs of one training step per batch image, from forward counts (backward ~ 2x forward).
 
     pretrain: D forward+backward on each face, as it is or blurred (a coin flip per face): 3 D.
-    train: D phase: G fwd without grad (1 G) + D fwd+bwd on real and fake (6 D); G phase: G fwd+bwd
-    (3 G) + D fwd on the fake and the backward to D's input only, its weights frozen (~2 D): 4 G + 8 D.
+    train (`GanTraining.step`): G forward once (1 G) and, in the G phase, its backward (2 G); D phase:
+    D fwd+bwd on the real and on the detached fake batch (6 D); G phase: D fwd on the fake and the
+    backward through D to its input, its weights frozen (counted as ~1 D, as before: 2 D): 3 G + 8 D.
+    D's forward is counted on the whole frame, so a D that crops the hole (Pathak's) counts at the hole.
     """
     acc, size, device = session.accelerator, cfg.data.image_size, session.device
     image = torch.zeros(1, 3, size, size, device=device)
@@ -170,8 +190,8 @@ def step_flops(stage: str, job: Any, session: TrainingSession, cfg: Config) -> d
     gen = acc.unwrap_model(job.gen, keep_torch_compile=False)
     g_fwd = model_summary(gen, image, torch.zeros(1, 1, size, size, device=device))["flops_per_image"]
     params["generator"] = sum(p.numel() for p in gen.parameters())
-    return {"generator_forward": g_fwd, "discriminator_forward": d_fwd, "step_per_image": 4 * g_fwd + 8 * d_fwd,
-            "formula": "4 G + 8 D", "params": params}
+    return {"generator_forward": g_fwd, "discriminator_forward": d_fwd, "step_per_image": 3 * g_fwd + 8 * d_fwd,
+            "formula": "3 G + 8 D", "params": params}
 
 def _worker_list(text: str) -> list[int]:
     try:
@@ -261,14 +281,15 @@ def _add_loader(subparsers: Any) -> None:
 
 
 def synthetic_batches(cfg: Config, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """One random batch of the loader's keys and shapes, made once on `device`, yielded forever."""
+    """One random batch of the loader's keys, shapes and dtypes (uint8 images, float32 blur target), made
+    once on `device`, yielded forever: the step normalises it on the device as it does a loader batch."""
     size, hole = cfg.data.image_size, cfg.mask.hole_size
     rng = torch.Generator().manual_seed(cfg.run.seed)
-    image = torch.rand(batch_size, 3, size, size, generator=rng) * 2 - 1
+    image = torch.randint(0, 256, (batch_size, 3, size, size), generator=rng, dtype=torch.uint8)
     blur_target = torch.ones(batch_size, 1, size, size)
     lo = (size - hole) // 2
     blur_target[..., lo:lo + hole, lo:lo + hole] = 0
-    blurred = image * blur_target + 0.5 * image * (1 - blur_target)
+    blurred = (image * blur_target + (image // 2) * (1 - blur_target)).to(torch.uint8)
     batch = {"image": image, "blurred": blurred, "blur_target": blur_target}
     return repeat({name: value.to(device) for name, value in batch.items()})
 
@@ -289,10 +310,11 @@ def shard_batches(cfg: Config, stage: str, batch_size: int, session: TrainingSes
 
 
 def _stage_job(cfg: Config, stage: str, timer: PhaseTimer) -> tuple[TrainingSession, Any, Callable[[dict], dict]]:
-    """The stage's session, its real job object, and its step with the D and G phases timed.
+    """The stage's session, its real job object, and its step with its phases timed.
 
-    GanTraining.step calls `self.discriminator_step` then `self.generator_step`: wrapping those two
-    on the instance times the phases of the unchanged step. A pretraining step is all D phase.
+    GanTraining.step runs G's forward once, then `self.discriminator_step` and `self.generator_step`:
+    forward hooks on G time its forward ("g_forward"), and wrapping the two phase methods on the
+    instance times the phases of the unchanged step. A pretraining step is all D phase.
     """
     from accelerate.state import AcceleratorState
 
@@ -306,6 +328,7 @@ def _stage_job(cfg: Config, stage: str, timer: PhaseTimer) -> tuple[TrainingSess
         return session, job, timer.wrap("d_phase", job.step)
     session = TrainingSession(cfg, stage_name(cfg), cfg.train)
     job = GanTraining(cfg, session)
+    timer.time_forward("g_forward", job.gen)
     job.discriminator_step = timer.wrap("d_phase", job.discriminator_step)
     job.generator_step = timer.wrap("g_phase", job.generator_step)
     return session, job, job.step
@@ -353,7 +376,8 @@ def bench_stage(cfg: Config, stage: str, steps: int, warmup: int, data: str = "s
 def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTimer, flops: dict[str, Any],
              steps: int, warmup: int, seconds: float, data: str, losses: dict[str, torch.Tensor]) -> dict[str, Any]:
     stage_cfg = getattr(cfg, stage)
-    per_step_ms = {name: 1000 * timer.seconds.get(name, 0.0) / steps for name in ("data_wait", "d_phase", "g_phase")}
+    phases = ("data_wait", "g_forward", "d_phase", "g_phase")
+    per_step_ms = {name: 1000 * timer.seconds.get(name, 0.0) / steps for name in phases}
     step_ms = 1000 * seconds / steps
     images_per_s = steps * stage_cfg.batch_size / seconds
     achieved = flops["step_per_image"] * images_per_s
@@ -364,11 +388,13 @@ def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTime
         "stage": stage, "discriminator": "hybrid" if stage == "pretrain" else cfg.discriminator.kind,
         "device": name, "device_type": session.device.type, "threads": torch.get_num_threads(),
         "world_size": session.world_size, "load_average_1min": round(os.getloadavg()[0], 2),
+        "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
         "precision": session.accelerator.mixed_precision, "precision_setting": stage_cfg.mixed_precision,
         "batch_size": stage_cfg.batch_size, "image_size": cfg.data.image_size, "hole_size": cfg.mask.hole_size,
         "channels_last": stage_cfg.channels_last, "compile": stage_cfg.compile, "data": data,
         "steps": steps, "warmup": warmup, "seconds": round(seconds, 3), "images_per_s": round(images_per_s, 2),
         "step_ms": round(step_ms, 2), "data_wait_ms": round(per_step_ms["data_wait"], 2),
+        "g_forward_ms": round(per_step_ms["g_forward"], 2) if stage == "train" else None,
         "d_phase_ms": round(per_step_ms["d_phase"], 2),
         "g_phase_ms": round(per_step_ms["g_phase"], 2) if stage == "train" else None,
         "other_ms": round(step_ms - sum(per_step_ms.values()), 2),
@@ -384,7 +410,7 @@ def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTime
 
 _COLUMNS = (("stage", "stage"), ("D", "discriminator"), ("prec", "precision"), ("batch", "batch_size"),
             ("size", "image_size"), ("img/s", "images_per_s"), ("step ms", "step_ms"),
-            ("data ms", "data_wait_ms"), ("D ms", "d_phase_ms"), ("G ms", "g_phase_ms"),
+            ("data ms", "data_wait_ms"), ("G fwd ms", "g_forward_ms"), ("D ms", "d_phase_ms"), ("G ms", "g_phase_ms"),
             ("GFLOP/img", "gflop"), ("GFLOP/s", "achieved_gflops"), ("x matmul", "vs_best_matmul"), ("MFU", "mfu"),
             ("host MiB", "peak_host_mib"), ("GPU MiB", "peak_gpu_mib"), ("x paper", "vs_paper"))
 
@@ -412,7 +438,7 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
                      f"{row['machine']['best_matmul_gflops']} (the best matmul rate)")
     lines.append(f"paper reference: {PAPER_IMAGES_PER_S:.0f} img/s (20 epochs of 28,000 images in 45 min on "
                  f"one RTX 3090); GFLOP/img: one training step, backward taken as 2x forward "
-                 f"(pretrain 3 D, train 4 G + 8 D forward passes)")
+                 f"(pretrain 3 D, train 3 G + 8 D forward passes)")
     return "\n".join(lines)
 
 

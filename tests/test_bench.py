@@ -9,9 +9,11 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, tiny_args
+from conftest import REPO, tiny_args, tiny_config
 from hybridgan import bench
 from hybridgan.bench import PAPER_IMAGES_PER_S, main, peak_flops
+from hybridgan.models import model_summary
+from hybridgan.models.pathak import PathakDiscriminator
 
 BENCH = ["--steps", "2", "--warmup", "1", "--batch-size", "4", "--rate-size", "128"]
 
@@ -65,17 +67,21 @@ def _check_machine(figures: dict) -> None:
     assert 0 < figures["vs_best_matmul"] < 2
 
 
-def test_bench_train_splits_the_step_into_d_and_g_phases(tiny_shards, tmp_path, capsys):
+def test_bench_train_splits_the_step_into_g_forward_d_and_g_phases(tiny_shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # recorded: glibc's settings change CPU step times
     figures = _bench(tmp_path, tiny_shards, "train")
+    assert figures["malloc_env"]["MALLOC_MMAP_MAX_"] == "0"
     _check_common(figures)
     assert (figures["stage"], figures["discriminator"], figures["data"]) == ("train", "hybrid", "synthetic")
-    assert figures["d_phase_ms"] > 0 and figures["g_phase_ms"] > 0
-    parts = figures["data_wait_ms"] + figures["d_phase_ms"] + figures["g_phase_ms"]
+    assert figures["g_forward_ms"] > 0 and figures["d_phase_ms"] > 0 and figures["g_phase_ms"] > 0
+    parts = figures["data_wait_ms"] + figures["g_forward_ms"] + figures["d_phase_ms"] + figures["g_phase_ms"]
     assert parts <= figures["step_ms"]
     assert figures["other_ms"] == pytest.approx(figures["step_ms"] - parts, abs=0.05)
     flops = figures["flops"]
     assert flops["generator_forward"] > 0 and flops["discriminator_forward"] > flops["generator_forward"]
-    assert flops["step_per_image"] == 4 * flops["generator_forward"] + 8 * flops["discriminator_forward"]
+    # G forward once + its backward (3 G); D fwd+bwd on real and fake, then fwd + input backward (8 D)
+    assert flops["step_per_image"] == 3 * flops["generator_forward"] + 8 * flops["discriminator_forward"]
+    assert flops["formula"] == "3 G + 8 D"
     assert figures["achieved_tflops"] == pytest.approx(
         flops["step_per_image"] * figures["images_per_s"] / 1e12, rel=0.02, abs=1e-4)
     assert set(figures["last_losses"]) >= {"disc_loss", "gen_loss", "gen_pixel_loss", "gen_adv_loss"}
@@ -87,7 +93,8 @@ def test_bench_train_splits_the_step_into_d_and_g_phases(tiny_shards, tmp_path, 
 def test_bench_pretrain_reads_the_real_loader(tiny_shards, tmp_path):
     figures = _bench(tmp_path, tiny_shards, "pretrain", "--data", "shards")
     _check_common(figures)
-    assert (figures["stage"], figures["data"], figures["g_phase_ms"]) == ("pretrain", "shards", None)
+    assert (figures["stage"], figures["data"], figures["g_phase_ms"], figures["g_forward_ms"]) == (
+        "pretrain", "shards", None, None)
     assert figures["data_wait_ms"] > 0 and figures["d_phase_ms"] > 0
     assert figures["data_wait_ms"] + figures["d_phase_ms"] <= figures["step_ms"]
     assert figures["flops"]["step_per_image"] == 3 * figures["flops"]["discriminator_forward"] > 0
@@ -122,6 +129,10 @@ def test_matrix_writes_each_cell_with_mfu_memory_and_data_wait(tiny_shards, tmp_
     assert measured["images_per_s"] > 0 and measured["peak_host_mib"] > 0 and "mfu" in measured
     assert measured["data_wait_share"] == pytest.approx(measured["data_wait_ms"] / measured["step_ms"], abs=1e-3)
     assert 0 < measured["data_wait_share"] < 1
+    # Pathak's D judges the 16x16 hole of the 32x32 frame: its FLOPs are those of a D built for 16x16
+    cfg = tiny_config(tiny_shards, tmp_path / "runs")
+    hole_d = model_summary(PathakDiscriminator(cfg.discriminator, 16), torch.zeros(1, 3, 16, 16))
+    assert measured["flops"]["discriminator_forward"] == hole_d["flops_per_image"] > 0
     _check_machine(measured)
     assert skipped == {"precision": "bf16", "compile": True, "discriminator": "hybrid", "skipped": "--no-compile"}
     assert "pathak   no    eager:" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from torch import nn
 
 from hybridgan.config import Config, DiscriminatorConfig, GeneratorConfig
 from hybridgan.models.hybrid import UpBlock, memory_format_of
+from hybridgan.models.layers import WholeInputConv2d, WholeOutputConvTranspose2d
 from hybridgan.models import (
     ContextEncoder, DiscOutput, HybridDiscriminator, ModelWeightsError, PathakDiscriminator,
     build_discriminator, build_generator, model_summary,
@@ -226,3 +227,31 @@ def test_model_summary_of_generator_at_batch_1() -> None:
     info = model_summary(g, images(1, 32) * (1 - mask), mask, name="generator")
     assert info["params"] == sum(p.numel() for p in g.parameters()) and info["flops"] > 0
     assert info["text"].startswith("generator: ") and info["text"].endswith("at 32x32")
+
+
+def test_bottleneck_products_keep_float32_under_cpu_autocast():
+    """G's bottleneck is memory-bound on the CPU: under bf16 autocast it runs in float32, the same
+    values as without autocast (no bf16 weight copies), and its gradients reach a bf16 input."""
+    torch.manual_seed(0)
+    encode, decode = WholeInputConv2d(8, 12, 4), WholeOutputConvTranspose2d(12, 8, 4)
+    x = torch.randn(2, 8, 4, 4)
+    plain = decode(encode(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_in = x.bfloat16().requires_grad_()
+        mixed = decode(encode(bf16_in))
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, decode(encode(x.bfloat16().float())))
+    assert torch.allclose(mixed, plain, atol=0.05)
+    mixed.sum().backward()
+    assert bf16_in.grad.dtype == torch.bfloat16 and bf16_in.grad.abs().sum() > 0
+
+
+def test_neighbour_sum_equals_the_cross_convolution_of_the_seam_blend():
+    """The seam blend's 4-neighbour sums: the same values as a 3x3 cross convolution with padding 1."""
+    from hybridgan.models.generator import _neighbour_sum
+
+    torch.manual_seed(0)
+    values = torch.randn(4, 3, 17, 16)
+    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    expected = F.conv2d(values.flatten(0, 1)[:, None], cross, padding=1).view_as(values)
+    assert torch.equal(_neighbour_sum(values), expected)
+    assert _neighbour_sum(values)[0, 0, 0, 0] == values[0, 0, 0, 1] + values[0, 0, 1, 0]  # a corner: 2 neighbours

@@ -47,7 +47,12 @@ def init_dcgan_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-_CROSS = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+def _neighbour_sum(values: Tensor) -> Tensor:
+    """Each pixel's sum of its 4 neighbours (up, left, right, down; 0 beyond the border): a 3x3 cross
+    convolution with padding 1, the same values, as four shifted additions (oneDNN ran the
+    convolution of [48, 1, 128, 128] single-channel maps at 21 ms on one thread; this takes 0.4 ms)."""
+    padded = nn.functional.pad(values, (1, 1, 1, 1))
+    return padded[..., :-2, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:] + padded[..., 2:, 1:-1]
 
 
 def seam_correction(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Tensor:
@@ -76,9 +81,8 @@ def _shepard(filled: Tensor, masked: Tensor, mask: Tensor, radius: float) -> Ten
     """
     hole = mask[:, :1].float()
     known = 1.0 - hole
-    cross = _CROSS.to(filled).view(1, 1, 3, 3)
-    count = nn.functional.conv2d(known, cross, padding=1)
-    outside = nn.functional.conv2d((masked * known).flatten(0, 1)[:, None], cross, padding=1).view_as(masked)
+    count = _neighbour_sum(known)
+    outside = _neighbour_sum(masked * known)
     border = hole * (count > 0).to(hole.dtype)
     mismatch = (outside / count.clamp(min=1.0) - filled) * border
     size = filled.shape[-1]
