@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from hybridgan.config import PackConfig
-from hybridgan.data.manifest import ManifestError, read_manifest, shard_urls, split_count
+from hybridgan.data.manifest import ManifestError, read_manifest, shard_urls
 from hybridgan.data.synthetic import synthetic_face
 from hybridgan.pack import PackError, Source, main, make_plan, pack, sample_key, split_sizes
 from test_photo import rotated_jpeg, upright_red_over_blue
@@ -90,7 +90,7 @@ def test_folder_pack_writes_readable_shards_and_manifest(folder_pack, image_fold
         assert sample["json"]["source"] == rel and tuple(sample["json"]["original_size"]) == size
     splits = {s["json"]["split"] for s in samples.values()}
     assert splits == {"train", "val", "test"}
-    assert split_count(out, "val") == 2 and len(shard_urls(out, "train")) == 2
+    assert read_manifest(out)["counts"]["val"] == 2 and len(shard_urls(out, "train")) == 2
 
 
 def test_256_jpeg_is_stored_byte_for_byte_and_others_centre_cropped(folder_pack, image_folder):

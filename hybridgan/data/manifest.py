@@ -131,8 +131,3 @@ def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
     """Paths of `split`'s shard files, in pack order."""
     return [str(Path(shards_dir) / s["name"]) for s in shard_entries(shards_dir, split)]
 
-
-def split_count(shards_dir: str | Path, split: str) -> int:
-    """The number of samples in `split`."""
-    _check_split(split)
-    return int(read_manifest(shards_dir)["counts"].get(split, 0))
