@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 from accelerate import Accelerator
 
+from hybridgan.atomic import write_text_atomic
+
 MANIFEST = "manifest.json"
 
 
@@ -118,10 +120,7 @@ class CheckpointManager:
         return sorted(p for p in self.dir.glob("step-*") if p.is_dir())
 
     def _point_latest_to(self, path: Path) -> None:
-        tmp = self.dir / "latest.tmp"
-        tmp.write_text(path.name)
-        follow_umask(tmp)
-        os.replace(tmp, self.dir / "latest")
+        write_text_atomic(self.dir / "latest", path.name)
 
     def _prune(self, newest: Path) -> None:
         done = self._complete()

@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hybridgan.atomic import write_text_atomic
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming it."""
@@ -313,9 +315,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (temp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    write_text_atomic(path, to_yaml(cfg))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

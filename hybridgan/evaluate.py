@@ -48,6 +48,7 @@ from accelerate import Accelerator
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from hybridgan.atomic import write_text_atomic
 from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, to_device
 from hybridgan.data.manifest import ManifestError, shard_urls
@@ -346,8 +347,8 @@ def figure(faces: list[dict[str, torch.Tensor]], names: list[str]) -> Image.Imag
 
 def write_outputs(out: Path, runs: list[Run], results: dict[str, Any], faces: list[dict[str, torch.Tensor]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
-    _atomic_text(out / "eval.md", results_markdown(results))
+    write_text_atomic(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "eval.md", results_markdown(results))
     if faces:
         figure(faces, [run.name for run in runs]).save(out / "figure.png")
     series = {}
@@ -357,12 +358,6 @@ def write_outputs(out: Path, runs: list[Run], results: dict[str, Any], faces: li
         except ReportError:
             series[run.name] = []
     loss_curves_png(series, out / "losses.png")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

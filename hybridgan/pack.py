@@ -51,6 +51,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 import hybridgan
+from hybridgan.atomic import write_text_atomic
 from hybridgan.config import PackConfig, add_config_arguments, config_from_args
 from hybridgan.data.manifest import MANIFEST, SPLITS, ManifestError, verify_shards
 from hybridgan.data.photo import PhotoError, is_photo_name, is_plain_frame, open_photo, square_frame
@@ -171,9 +172,7 @@ def make_plan(source: Source, cfg: PackConfig) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def _prepare_out(out: Path, plan: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from hybridgan.atomic import write_text_atomic
 from hybridgan.config import Config, add_config_arguments, config_from_args, save_config
 from hybridgan.data.manifest import MANIFEST
 from hybridgan.pretrain import EXPORT_NAME as DISCRIMINATOR_EXPORT
@@ -112,9 +113,7 @@ def write_report(cfg: Config, timings: list[tuple[str, str]]) -> Path:
         "",
     ])
     path = folder / "report.md"
-    tmp = path.with_name("report.md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return path
 
 

@@ -43,8 +43,10 @@ from accelerate.utils import (DeepSpeedPlugin, DistributedType, InitProcessGroup
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from hybridgan.checkpoint import CheckpointError, CheckpointManager, follow_umask
-from hybridgan.config import Config, StageConfig, add_config_arguments, config_from_args, scaled_lr, to_yaml
+from hybridgan.atomic import write_text_atomic
+from hybridgan.checkpoint import CheckpointError, CheckpointManager
+from hybridgan.config import (Config, StageConfig, add_config_arguments, config_from_args, save_config, scaled_lr,
+                              to_yaml)
 from hybridgan.devices import resolve_mixed_precision, use_channels_last
 from hybridgan.lock import StageBusyError, StageLock
 from hybridgan.tracking import MetricsLogger
@@ -214,8 +216,7 @@ class TrainingSession:
         path = self.dir / "config.yaml"
         if not path.is_file():
             if self.is_main:
-                path.write_text(to_yaml(self.cfg))
-                follow_umask(path)
+                save_config(self.cfg, path)
             return
         old = OmegaConf.create(path.read_text())
         new = OmegaConf.create(to_yaml(self.cfg))
@@ -237,10 +238,7 @@ class TrainingSession:
         if self.is_main:
             for key in accepted:
                 OmegaConf.update(old, key, OmegaConf.select(new, key))
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(OmegaConf.to_yaml(old))
-            follow_umask(tmp)
-            os.replace(tmp, path)
+            write_text_atomic(path, OmegaConf.to_yaml(old))
 
     def _may_change_on_resume(self, key: str, old: Any, new: Any) -> bool:
         """Whether `key` may go from `old` to `new` on resume (see `_write_config`)."""

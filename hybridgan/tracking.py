@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from hybridgan.atomic import write_text_atomic
 
 
 class MetricsLogger:
@@ -45,9 +46,7 @@ class MetricsLogger:
         dropped = [record["step"] for record in records if record["step"] > step]
         say(f"{self.path}: resuming at step {step}: dropping {len(dropped)} record(s) of steps "
             f"{min(dropped)}-{max(dropped)}, which will be trained and logged again")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def scalars(self, split: str, step: int, epoch: int, values: dict[str, float]) -> None:
         """Append one record and its TensorBoard scalars."""
