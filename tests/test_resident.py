@@ -113,3 +113,26 @@ def test_a_device_too_small_for_the_frames_is_refused_naming_the_sizes(monkeypat
     check_device_memory(28_000 * 3 * 256 * 256, torch.device("cpu"), what)  # host memory: not checked
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * 10**9, 80 * 10**9))
     check_device_memory(28_000 * 3 * 256 * 256, torch.device("cuda:0"), what)
+
+
+def test_a_corrupt_jpeg_stops_the_decoding_workers_naming_shard_and_key(tiny_shards, tmp_path):
+    import hashlib
+    import shutil
+
+    import webdataset as wds
+
+    copy = tmp_path / "pack"
+    shutil.copytree(tiny_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["split"] == "train")
+    shard = copy / entry["name"]
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    samples[3]["jpg"] = b"\xff\xd8 not a jpeg"
+    with wds.TarWriter(str(shard)) as writer:
+        for sample in samples:
+            writer.write({k: v for k, v in sample.items() if k in ("__key__", "jpg", "json")})
+    entry.update(size=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoaderError) as err:
+        ResidentLoader(tiny_config(copy, tmp_path), "train", batch_size=8, workers=2)
+    assert str(err.value).startswith(f"{shard}: sample {samples[3]['__key__']}: not a readable JPEG")

@@ -115,9 +115,15 @@ def _clip8(sums: torch.Tensor) -> torch.Tensor:
     return (sums >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
-def _decode_shard(path: str, count: int, frame: int) -> tuple[list[str], np.ndarray]:
-    """Keys and uint8 frames [n, 3, frame, frame] of one shard, in tar order (a process pool's task)."""
-    samples = read_shard(path, count)
+DECODE_CHUNK = 250
+"""Samples per decoding task: a shard (1,000 faces in paper.yaml) is split so that many workers share it."""
+
+
+def _decode_samples(task: tuple[str, int, int, int]) -> tuple[list[str], np.ndarray]:
+    """Keys and uint8 frames [n, 3, frame, frame] of samples first, first + 1, ... (at most DECODE_CHUNK)
+    of the shard at `path` holding `count`, in tar order, for `task` = (path, count, first, frame)."""
+    path, count, first, frame = task
+    samples = read_shard(path, count)[first:first + DECODE_CHUNK]
     frames = np.empty((len(samples), 3, frame, frame), dtype=np.uint8)
     for index, (key, jpeg) in enumerate(samples):
         image = open_frame(key, jpeg, path)
@@ -144,18 +150,19 @@ def decode_split(layout: SplitLayout, frame: int, device: torch.device, workers:
                  progress: bool) -> tuple[list[str], torch.Tensor]:
     """Every sample of the split in sample-id order (see SplitLayout.offsets): its keys, and its
     frames as one uint8 tensor [N, 3, frame, frame] on `device`, decoded by `workers` processes
-    (0: in this one) shard by shard."""
+    (0: in this one) in chunks of DECODE_CHUNK samples."""
     frames = torch.empty((sum(layout.counts), 3, frame, frame), dtype=torch.uint8, device=device)
     keys: list[str] = []
-    tasks = (layout.paths, layout.counts, [frame] * len(layout.paths))
+    tasks = [(path, count, first, frame) for path, count in zip(layout.paths, layout.counts)
+             for first in range(0, count, DECODE_CHUNK)]
     pool = ProcessPoolExecutor(workers) if workers else None
     try:
-        decoded = pool.map(_decode_shard, *tasks) if pool else map(_decode_shard, *tasks)
+        decoded = pool.map(_decode_samples, tasks) if pool else map(_decode_samples, tasks)
         with tqdm(total=frames.shape[0], unit="img", desc="decode train split", disable=not progress) as bar:
-            for shard_keys, shard_frames in decoded:
-                frames[len(keys):len(keys) + len(shard_keys)] = torch.from_numpy(shard_frames)
-                keys += shard_keys
-                bar.update(len(shard_keys))
+            for chunk_keys, chunk_frames in decoded:
+                frames[len(keys):len(keys) + len(chunk_keys)] = torch.from_numpy(chunk_frames)
+                keys += chunk_keys
+                bar.update(len(chunk_keys))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -200,7 +207,7 @@ class ResidentLoader:
         """The batch of samples `ids` in `epoch`: their frames cropped, resized and flipped on the device."""
         keys = [self.keys[i] for i in ids.tolist()]
         crops = [augmentation(self.opts, epoch, key, self.frame)[:2] for key in keys]
-        plan = np.array([ids, [box[0] for box, _ in crops], [box[1] for box, _ in crops],
-                         [flip for _, flip in crops]], dtype=np.int64)
-        index, left, top, flip = torch.from_numpy(plan).to(self.frames.device, non_blocking=True)
+        draws = np.array([ids, [box[0] for box, _ in crops], [box[1] for box, _ in crops],
+                          [flip for _, flip in crops]], dtype=np.int64)
+        index, left, top, flip = torch.from_numpy(draws).to(self.frames.device, non_blocking=True)
         return {"image": self.crops(self.frames[index], left, top, flip.bool()), "key": keys}
