@@ -115,15 +115,11 @@ def _clip8(sums: torch.Tensor) -> torch.Tensor:
     return (sums >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
-DECODE_CHUNK = 250
-"""Samples per decoding task: a shard (1,000 faces in paper.yaml) is split so that many workers share it."""
-
-
-def _decode_samples(task: tuple[str, int, int, int]) -> tuple[list[str], np.ndarray]:
-    """Keys and uint8 frames [n, 3, frame, frame] of samples first, first + 1, ... (at most DECODE_CHUNK)
-    of the shard at `path` holding `count`, in tar order, for `task` = (path, count, first, frame)."""
-    path, count, first, frame = task
-    samples = read_shard(path, count)[first:first + DECODE_CHUNK]
+def _decode_samples(task: tuple[str, int, int, int, int]) -> tuple[list[str], np.ndarray]:
+    """Keys and uint8 frames [n, 3, frame, frame] of samples [first, stop) in tar order of the shard at
+    `path` holding `count`, for `task` = (path, count, first, stop, frame): a process pool's task."""
+    path, count, first, stop, frame = task
+    samples = read_shard(path, count)[first:stop]
     frames = np.empty((len(samples), 3, frame, frame), dtype=np.uint8)
     for index, (key, jpeg) in enumerate(samples):
         image = open_frame(key, jpeg, path)
@@ -150,11 +146,15 @@ def decode_split(layout: SplitLayout, frame: int, device: torch.device, workers:
                  progress: bool) -> tuple[list[str], torch.Tensor]:
     """Every sample of the split in sample-id order (see SplitLayout.offsets): its keys, and its
     frames as one uint8 tensor [N, 3, frame, frame] on `device`, decoded by `workers` processes
-    (0: in this one) in chunks of DECODE_CHUNK samples."""
+    (0: in this one). A task decodes a shard, or a part of one when there are fewer than two shards per
+    worker (each part reads the whole tar, which costs about as much as decoding 200 of its faces)."""
     frames = torch.empty((sum(layout.counts), 3, frame, frame), dtype=torch.uint8, device=device)
     keys: list[str] = []
-    tasks = [(path, count, first, frame) for path, count in zip(layout.paths, layout.counts)
-             for first in range(0, count, DECODE_CHUNK)]
+    parts = max(1, math.ceil(2 * workers / max(1, len(layout.paths))))
+    tasks = []
+    for path, count in zip(layout.paths, layout.counts):
+        step = max(1, math.ceil(count / parts))
+        tasks += [(path, count, first, min(first + step, count), frame) for first in range(0, count, step)]
     pool = ProcessPoolExecutor(workers) if workers else None
     try:
         decoded = pool.map(_decode_samples, tasks) if pool else map(_decode_samples, tasks)
