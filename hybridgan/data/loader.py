@@ -6,7 +6,9 @@ batches for rank r: dicts `{"image": uint8 [b,3,S,S], "key": [str]}`, plus `"blu
 frame with the blur square) and `"blur_target"` (float32 [b,1,S,S]: 0 inside the square, 1 outside,
 fractional on edge pixels) when `with_blur`. `to_device(batch, device)` moves a batch to the device
 and turns its uint8 images into float in [-1, 1] there. `make_loader` is the one-shot form for
-evaluation passes. See docs/data-loading.md for the design and its reasons.
+evaluation passes. `train_loader` gives the training loops this loader or, with `data.resident`, the
+split decoded once into device memory (hybridgan/data/resident.py). See docs/data-loading.md for the
+design and its reasons.
 
 The epoch as a global sample sequence (a pure function of the manifest, run.seed and the epoch):
 - training: the split's shards in an order shuffled per (seed, epoch); consecutive shards holding at
@@ -305,15 +307,14 @@ class _EpochBatches(IterableDataset):
 
     def __init__(self, planner: EpochPlanner, opts: _Options) -> None:
         super().__init__()
-        self.layout, self.opts = planner.layout, opts
-        self.plan = planner.plan
+        self.planner, self.layout, self.opts = planner, planner.layout, opts
         self.epoch_and_start = multiprocessing.RawArray("q", 2)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, start = self.epoch_and_start
-        sequence, plan = self.plan(epoch)
+        sequence, plan = self.planner.plan(epoch)
         batches = plan.worker_batches(worker, workers, start)
         if not batches:
             return
@@ -379,7 +380,7 @@ class SplitLoader:
         planner = EpochPlanner.of(cfg, SplitLayout.read(cfg, split), train=train, batch_size=batch_size,
                                   rank=rank, world_size=world_size)
         self.batches = _EpochBatches(planner, sample_options(cfg, train, with_blur))
-        self.batches.plan(0)  # a bad batch size fails here, before any worker starts
+        planner.plan(0)  # a bad batch size fails here, before any worker starts
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.loader = DataLoader(self.batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None,
@@ -391,7 +392,7 @@ class SplitLoader:
 
     def __len__(self) -> int:
         """This rank's batches per epoch (of epoch 0; the same every epoch unless data.resampled)."""
-        return self.batches.plan(0)[1].batches
+        return self.batches.planner.plan(0)[1].batches
 
     def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         self.batches.epoch_and_start[:] = [epoch, start]
