@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import tiny_args, tiny_config
 from hybridgan.data.loader import LoaderError, SplitLoader, augmentation, train_loader
 from hybridgan.data.preprocess import crop_side, face_pixels
 from hybridgan.data.resident import PillowBilinear, ResidentLoader, check_device_memory
 from hybridgan.train import train
+from stage_runs import accelerate_2_ranks, launches, read_records, run_stage
 
 CROP = "data.crop_fraction=0.9375"  # random crops at 17 offsets per axis (the tiny config crops nothing)
 
@@ -136,3 +137,25 @@ def test_a_corrupt_jpeg_stops_the_decoding_workers_naming_shard_and_key(tiny_sha
     with pytest.raises(LoaderError) as err:
         ResidentLoader(tiny_config(copy, tmp_path), "train", batch_size=8, workers=2)
     assert str(err.value).startswith(f"{shard}: sample {samples[3]['__key__']}: not a readable JPEG")
+
+
+@pytest.mark.slow
+def test_two_real_ranks_train_alike_on_resident_and_worker_batches(tiny_shards, tmp_path):
+    """2-rank DDP on the CPU: each rank decodes the split with 2 workers and takes its half of every
+    global batch; the losses and the generator equal those of the worker loader's 2-rank run, and
+    only rank 0 prints the frames' size."""
+    def run(name: str, resident: bool):
+        args = tiny_args(tiny_shards, tmp_path, CROP, "discriminator.kind=pathak", "discriminator.from_scratch=true",
+                         "train.max_steps=4", "data.workers=2", f"run.name={name}",
+                         f"data.resident={str(resident).lower()}")
+        result = run_stage("hybridgan.train", args, launcher=accelerate_2_ranks())
+        assert result.returncode == 0, result.stderr[-3000:]
+        stage = tmp_path / name / "train-pathak"
+        assert [launch["world_size"] for launch in launches(stage)] == [2]
+        return result, read_records(stage, "train"), load_file(str(stage / "generator.safetensors"))
+
+    _, workers_records, workers_weights = run("workers", False)
+    result, resident_records, resident_weights = run("resident", True)
+    assert result.stdout.count("data.resident: the train split's 64 frames") == 1
+    assert len(workers_records) >= 2 and resident_records == workers_records
+    assert all(torch.equal(workers_weights[k], resident_weights[k]) for k in workers_weights)
