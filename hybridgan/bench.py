@@ -264,7 +264,8 @@ def run_loader(args: argparse.Namespace) -> int:
     print(_table(f"train loader: {cfg.data.shards}, {cfg.data.image_size}x{cfg.data.image_size}, "
                  f"batch {batch_size}, {args.batches} batches, {os.cpu_count()} CPUs",
                  loader_rows, ["workers", "images_per_s", "images_per_s_per_worker", "first_batch_s"]))
-    resident_rows = [time_loader(cfg, max(args.workers), args.batches, batch_size, resident=True)] if args.resident else []
+    resident_rows = ([time_loader(cfg, max(args.workers), args.batches, batch_size, resident=True)]
+                     if args.resident else [])
     if resident_rows:
         print(_table(f"resident train split (data.resident): batches made on {resident_rows[0]['device']}; "
                      f"first_batch_s includes decoding the split with `workers` processes",

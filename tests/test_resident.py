@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tiny_args, tiny_config
+from conftest import SMOKE, tiny_args, tiny_config
 from hybridgan.data.loader import LoaderError, SplitLoader, augmentation, train_loader
 from hybridgan.data.preprocess import crop_side, face_pixels
 from hybridgan.data.resident import PillowBilinear, ResidentLoader, check_device_memory
@@ -159,3 +159,17 @@ def test_two_real_ranks_train_alike_on_resident_and_worker_batches(tiny_shards, 
     assert result.stdout.count("data.resident: the train split's 64 frames") == 1
     assert len(workers_records) >= 2 and resident_records == workers_records
     assert all(torch.equal(workers_weights[k], resident_weights[k]) for k in workers_weights)
+
+
+def test_bench_loader_times_the_resident_batches_next_to_the_workers(tiny_shards, tmp_path, capsys):
+    from hybridgan.bench import main as bench
+
+    out = tmp_path / "loader.json"
+    assert bench(["loader", "--shards", str(tiny_shards), "--workers", "0", "--batches", "3", "--batch-size", "8",
+                  "--pack-images", "0", "--resident", "--json", str(out), "--config", str(SMOKE), "data.image_size=32",
+                  "mask.hole_size=16", CROP]) == 0
+    result = json.loads(out.read_text())
+    [workers_row], [resident_row] = result["loader"], result["resident"]
+    assert workers_row["images"] == resident_row["images"] == 24
+    assert resident_row["device"] == "cpu" and resident_row["images_per_s"] > 0
+    assert "resident train split (data.resident): batches made on cpu" in capsys.readouterr().out
