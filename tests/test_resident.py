@@ -30,10 +30,12 @@ def _frames(frame: int, count: int) -> np.ndarray:
     return frames
 
 
-@pytest.mark.parametrize("frame, crop_fraction, size", [(256, 0.9375, 128), (96, 0.8, 32), (40, 0.5, 32)])
+@pytest.mark.parametrize("frame, crop_fraction, size",
+                         [(256, 0.9375, 128), (96, 0.8, 32), (40, 0.5, 32), (32, 1.0, 32)])
 def test_device_crops_equal_pillow_for_every_offset_and_flip(frame, crop_fraction, size):
     """The paper's 256 -> 240 -> 128 (dyadic scale), 96 -> 77 -> 32 (scale 2.406..., 7 taps) and an
-    upscale 40 -> 20 -> 32; every crop offset on both axes, with and without flip."""
+    upscale 40 -> 20 -> 32, and 32 -> 32 -> 32 (Pillow copies); every crop offset on both axes, with and
+    without flip."""
     side = crop_side(frame, crop_fraction)
     offsets = frame - side + 1
     frames = _frames(frame, offsets)

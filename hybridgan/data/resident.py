@@ -20,8 +20,10 @@ Pillow's 8-bit resample (src/libImaging/Resample.c), which `PillowBilinear` foll
 - a horizontal pass, then the vertical pass on its uint8 result; each output is
   clip8(2^21 + sum(pixel * weight)) = clamp((...) >> 22, 0, 255). With 8-bit pixels and weights
   summing to about 2^22 the int32 sums cannot overflow (255 * 2^22 < 2^31).
-The horizontal pass here runs over every frame row (Pillow's only over the rows the vertical pass
-reads): a row's result does not depend on which other rows are computed, so the pixels are the same.
+Where Pillow skips a pass (the box spans the whole axis at the output size), that pass here is the
+identity (one tap of weight 2^22). The horizontal pass here runs over every frame row (Pillow's only
+over the rows the vertical pass reads): a row's result does not depend on the other rows. Neither
+changes a pixel.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def bilinear_coefficients(in_size: int, side: int, out_size: int) -> tuple[np.nd
         weight = np.where((tap < xmax) & (distance < 1.0), 1.0 - distance, 0.0)
         weights[..., tap] = weight
         total += weight
-    weights = np.where(total[..., None] != 0.0, weights / np.where(total == 0.0, 1.0, total)[..., None], weights)
+    weights = weights / total[..., None]  # never 0: a centre is within 1 * filterscale of some tap
     scaled = weights * float(1 << PRECISION_BITS)
     fixed = np.trunc(np.where(scaled < 0, scaled - 0.5, scaled + 0.5)).astype(np.int32)
     return xmin, fixed
