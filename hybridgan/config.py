@@ -54,6 +54,7 @@ class DataConfig:
     workers: int = 2
     resampled: bool = False
     samples_per_epoch: int = 0
+    resident: bool = False
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from torchvision.utils import make_grid
 
 from hybridgan.config import Config
-from hybridgan.data.loader import SplitLoader, batches_per_epoch, make_loader, stable_seed, to_device
+from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
 from hybridgan.exports import save_export
 from hybridgan.losses import blur_discriminator_loss
 from hybridgan.models import DiscOutput, build_discriminator
@@ -132,8 +132,8 @@ def pretrain(cfg: Config) -> Path:
     job = BlurPretraining(cfg, session)
     steps_per_epoch = batches_per_epoch(cfg, "train", cfg.pretrain.batch_size)
     run_stage(session, steps_per_epoch, job.step, job.held_out,
-              SplitLoader(cfg, "train", batch_size=cfg.pretrain.batch_size, rank=session.rank,
-                          world_size=session.world_size, with_blur=True))
+              train_loader(cfg, "train", batch_size=cfg.pretrain.batch_size, rank=session.rank,
+                           world_size=session.world_size, with_blur=True))
     path = job.export()
     session.finish()
     session.print(f"pretraining done: {path}")

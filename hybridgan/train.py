@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.utils import make_grid
 
 from hybridgan.config import Config
-from hybridgan.data.loader import SplitLoader, batches_per_epoch, make_loader, stable_seed, to_device
+from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError, load_export, save_export
 from hybridgan.losses import discriminator_joint_loss, generator_joint_loss
@@ -208,8 +208,8 @@ def train(cfg: Config) -> Path:
     job = GanTraining(cfg, session)
     steps_per_epoch = batches_per_epoch(cfg, "train", cfg.train.batch_size)
     run_stage(session, steps_per_epoch, job.step, lambda epoch: job.validate(),
-              SplitLoader(cfg, "train", batch_size=cfg.train.batch_size, rank=session.rank,
-                          world_size=session.world_size),
+              train_loader(cfg, "train", batch_size=cfg.train.batch_size, rank=session.rank,
+                           world_size=session.world_size, device=session.device),
               on_eval=job.validate)
     path = job.export()
     session.finish()

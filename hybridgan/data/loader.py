@@ -6,7 +6,9 @@ batches for rank r: dicts `{"image": uint8 [b,3,S,S], "key": [str]}`, plus `"blu
 frame with the blur square) and `"blur_target"` (float32 [b,1,S,S]: 0 inside the square, 1 outside,
 fractional on edge pixels) when `with_blur`. `to_device(batch, device)` moves a batch to the device
 and turns its uint8 images into float in [-1, 1] there. `make_loader` is the one-shot form for
-evaluation passes. See docs/data-loading.md for the design and its reasons.
+evaluation passes. `train_loader` gives the training loops this loader or, with `data.resident`, the
+split decoded once into device memory (hybridgan/data/resident.py). See docs/data-loading.md for the
+design and its reasons.
 
 The epoch as a global sample sequence (a pure function of the manifest, run.seed and the epoch):
 - training: the split's shards in an order shuffled per (seed, epoch); consecutive shards holding at
@@ -38,7 +40,7 @@ import signal
 import tarfile
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -48,7 +50,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from hybridgan.config import BlurConfig, Config
 from hybridgan.data.blur import blur_square, blur_target
 from hybridgan.data.manifest import shard_entries
-from hybridgan.data.preprocess import crop_box, face_pixels
+from hybridgan.data.preprocess import Box, crop_box, face_pixels
+
+if TYPE_CHECKING:
+    from hybridgan.data.resident import ResidentLoader
 
 
 class LoaderError(ValueError):
@@ -111,6 +116,28 @@ def epoch_sequence(layout: SplitLayout, *, seed: int, epoch: int, train: bool, m
         pieces.append(_permuted(group, seed, epoch, len(pieces)))
     sequence = np.concatenate(pieces)
     return sequence[:samples] if resampled and samples else sequence
+
+
+@dataclass(frozen=True)
+class EpochPlanner:
+    """A split's epoch sequences and one rank's BatchPlan of them: what every loader of the split
+    shares (the worker loader and the resident one)."""
+
+    layout: SplitLayout
+    sequence_args: dict[str, Any]
+    plan_args: dict[str, Any]
+
+    @classmethod
+    def of(cls, cfg: Config, layout: SplitLayout, *, train: bool, batch_size: int, rank: int,
+           world_size: int) -> EpochPlanner:
+        return cls(layout, dict(seed=cfg.run.seed, train=train, mix=cfg.data.shuffle_buffer,
+                                resampled=cfg.data.resampled, samples=cfg.data.samples_per_epoch),
+                   dict(batch_size=batch_size, rank=rank, world_size=world_size, train=train))
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, BatchPlan]:
+        """The epoch's global sample sequence and this rank's plan of it."""
+        sequence = epoch_sequence(self.layout, epoch=epoch, **self.sequence_args)
+        return sequence, BatchPlan(len(sequence), **self.plan_args)
 
 
 def _permuted(group: list[np.ndarray], seed: int, epoch: int, index: int) -> np.ndarray:
@@ -181,6 +208,22 @@ class _Options:
     seed: int
 
 
+def sample_options(cfg: Config, train: bool, with_blur: bool = False) -> _Options:
+    """What `cfg` asks of each sample: training (random crop, flip) or not, with the blur or not."""
+    return _Options(cfg.data.image_size, cfg.data.crop_fraction, cfg.data.hflip, train, with_blur, cfg.blur,
+                    cfg.run.seed)
+
+
+def augmentation(opts: _Options, epoch: int, key: str, frame: int) -> tuple[Box, bool, np.random.Generator]:
+    """The crop box and flip of sample `key` in `epoch` (training: drawn per (seed, epoch, key);
+    otherwise the centred box, no flip), and the generator they were drawn from, which then draws
+    the pretraining blur. The one source of both for the worker and the resident loader."""
+    rng = np.random.default_rng(stable_seed(opts.seed, epoch if opts.train else "eval", key))
+    box = crop_box(frame, opts.crop_fraction, rng if opts.train else None)
+    flip = bool(opts.train and opts.hflip and rng.random() < 0.5)
+    return box, flip, rng
+
+
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key and extension, as WebDataset splits them
 
 
@@ -203,24 +246,26 @@ def read_shard(path: str, count: int) -> list[tuple[str, bytes]]:
     return list(samples.items())
 
 
-def decode_sample(key: str, jpeg: bytes, opts: _Options, epoch: int, url: str = "?") -> dict[str, Any]:
-    """One sample's arrays (see `_decode_arrays`); a sample that does not decode is a LoaderError
-    naming shard and key."""
+def open_frame(key: str, jpeg: bytes, url: str = "?") -> Image.Image:
+    """The decoded RGB frame of one sample; a sample that does not decode is a LoaderError naming
+    shard and key."""
     try:
-        return _decode_arrays(key, jpeg, opts, epoch)
+        return Image.open(io.BytesIO(jpeg)).convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
         raise LoaderError(f"{url}: sample {key}: not a readable JPEG ({err}); re-pack the dataset "
                           f"(python -m hybridgan.pack)") from None
 
 
-def _decode_arrays(key: str, jpeg: bytes, opts: _Options, epoch: int) -> dict[str, Any]:
+def decode_sample(key: str, jpeg: bytes, opts: _Options, epoch: int, url: str = "?") -> dict[str, Any]:
+    """One sample's arrays (see `_decode_arrays`)."""
+    return _decode_arrays(key, open_frame(key, jpeg, url), opts, epoch)
+
+
+def _decode_arrays(key: str, frame: Image.Image, opts: _Options, epoch: int) -> dict[str, Any]:
     """image (and blurred, blur_target) at image_size: uint8 [S,S,3] / float32 [S,S], through
     hybridgan.data.preprocess (a random crop and flip in training, the centred crop otherwise)."""
-    rng = np.random.default_rng(stable_seed(opts.seed, epoch if opts.train else "eval", key))
-    frame = Image.open(io.BytesIO(jpeg)).convert("RGB")
     side = frame.size[0]
-    box = crop_box(side, opts.crop_fraction, rng if opts.train else None)
-    flip = bool(opts.train and opts.hflip and rng.random() < 0.5)
+    box, flip, rng = augmentation(opts, epoch, key, side)
     size = opts.image_size
     arrays = {"key": key, "image": face_pixels(frame, size, box, flip)}
     if opts.with_blur:
@@ -260,24 +305,16 @@ class _EpochBatches(IterableDataset):
     """The batches of one rank; the epoch and first batch come through shared memory, so that
     persistent DataLoader workers serve every epoch of the run."""
 
-    def __init__(self, layout: SplitLayout, cfg: Config, opts: _Options, *, batch_size: int, rank: int,
-                 world_size: int) -> None:
+    def __init__(self, planner: EpochPlanner, opts: _Options) -> None:
         super().__init__()
-        self.layout, self.opts = layout, opts
-        self.sequence_args = dict(seed=cfg.run.seed, train=opts.train, mix=cfg.data.shuffle_buffer,
-                                  resampled=cfg.data.resampled, samples=cfg.data.samples_per_epoch)
-        self.plan_args = dict(batch_size=batch_size, rank=rank, world_size=world_size, train=opts.train)
+        self.planner, self.layout, self.opts = planner, planner.layout, opts
         self.epoch_and_start = multiprocessing.RawArray("q", 2)
-
-    def plan(self, epoch: int) -> tuple[np.ndarray, BatchPlan]:
-        sequence = epoch_sequence(self.layout, epoch=epoch, **self.sequence_args)
-        return sequence, BatchPlan(len(sequence), **self.plan_args)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, start = self.epoch_and_start
-        sequence, plan = self.plan(epoch)
+        sequence, plan = self.planner.plan(epoch)
         batches = plan.worker_batches(worker, workers, start)
         if not batches:
             return
@@ -340,11 +377,10 @@ class SplitLoader:
                  pin_memory: bool | None = None, persistent: bool = True) -> None:
         train = split == "train" if train is None else train
         workers = cfg.data.workers if workers is None else workers
-        opts = _Options(cfg.data.image_size, cfg.data.crop_fraction, cfg.data.hflip, train, with_blur,
-                        cfg.blur, cfg.run.seed)
-        self.batches = _EpochBatches(SplitLayout.read(cfg, split), cfg, opts, batch_size=batch_size, rank=rank,
-                                     world_size=world_size)
-        self.batches.plan(0)  # a bad batch size fails here, before any worker starts
+        planner = EpochPlanner.of(cfg, SplitLayout.read(cfg, split), train=train, batch_size=batch_size,
+                                  rank=rank, world_size=world_size)
+        self.batches = _EpochBatches(planner, sample_options(cfg, train, with_blur))
+        planner.plan(0)  # a bad batch size fails here, before any worker starts
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.loader = DataLoader(self.batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None,
@@ -356,7 +392,7 @@ class SplitLoader:
 
     def __len__(self) -> int:
         """This rank's batches per epoch (of epoch 0; the same every epoch unless data.resampled)."""
-        return self.batches.plan(0)[1].batches
+        return self.batches.planner.plan(0)[1].batches
 
     def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         self.batches.epoch_and_start[:] = [epoch, start]
@@ -367,3 +403,17 @@ def make_loader(cfg: Config, split: str, *, batch_size: int, epoch: int = 0, **o
     """The batches of one pass over `split` in `epoch` (an evaluation pass, a test); the options are
     SplitLoader's. Its workers end with the pass."""
     return SplitLoader(cfg, split, batch_size=batch_size, persistent=False, **options)(epoch)
+
+
+def train_loader(cfg: Config, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", with_blur: bool = False) -> SplitLoader | ResidentLoader:
+    """The training loop's loader of `split`: the split decoded once into `device` memory
+    (`data.resident`, see hybridgan/data/resident.py) or the worker loader. Pretraining (`with_blur`)
+    keeps the worker loader, whose blur is made on the CPU; with data.resident set it says so."""
+    if cfg.data.resident and not with_blur:
+        from hybridgan.data.resident import ResidentLoader
+
+        return ResidentLoader(cfg, split, batch_size=batch_size, rank=rank, world_size=world_size, device=device)
+    if cfg.data.resident and rank == 0:
+        print("data.resident: pretraining reads its batches with the worker loader (the blur is made on the CPU)")
+    return SplitLoader(cfg, split, batch_size=batch_size, rank=rank, world_size=world_size, with_blur=with_blur)

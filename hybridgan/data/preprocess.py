@@ -14,9 +14,14 @@ from PIL import Image
 Box = tuple[int, int, int, int]
 
 
+def crop_side(frame: int, crop_fraction: float) -> int:
+    """Side of the square crop of a `frame`-pixel frame: round(frame * crop_fraction)."""
+    return round(frame * crop_fraction)
+
+
 def crop_box(frame: int, crop_fraction: float, rng: np.random.Generator | None = None) -> Box:
     """(left, top, right, bottom) of the square crop: at a random offset drawn from `rng`, or centred."""
-    side = round(frame * crop_fraction)
+    side = crop_side(frame, crop_fraction)
     if rng is None:
         top = left = (frame - side) // 2
     else:
