@@ -229,20 +229,24 @@ def test_model_summary_of_generator_at_batch_1() -> None:
     assert info["text"].startswith("generator: ") and info["text"].endswith("at 32x32")
 
 
-def test_bottleneck_products_keep_float32_under_cpu_autocast():
-    """G's bottleneck is memory-bound on the CPU: under bf16 autocast it runs in float32, the same
-    values as without autocast (no bf16 weight copies), and its gradients reach a bf16 input."""
+def test_bottleneck_products_follow_autocast_like_linear_layers():
+    """Under bf16 autocast G's bottleneck products run in bf16 (the same values as `nn.Linear` with
+    the same weights under autocast), close to float32's, and its weights get float32 gradients."""
     torch.manual_seed(0)
     encode, decode = WholeInputConv2d(8, 12, 4), WholeOutputConvTranspose2d(12, 8, 4)
+    linear = torch.nn.Linear(8 * 16, 12, bias=False)
+    linear.weight.data = encode.weight.detach().reshape(12, -1)
     x = torch.randn(2, 8, 4, 4)
     plain = decode(encode(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16_in = x.bfloat16().requires_grad_()
-        mixed = decode(encode(bf16_in))
-    assert mixed.dtype == torch.float32 and torch.equal(mixed, decode(encode(x.bfloat16().float())))
-    assert torch.allclose(mixed, plain, atol=0.05)
-    mixed.sum().backward()
-    assert bf16_in.grad.dtype == torch.bfloat16 and bf16_in.grad.abs().sum() > 0
+        encoded = encode(x)
+        mixed = decode(encoded)
+        assert torch.equal(encoded.flatten(1), linear(x.flatten(1)))
+    assert encoded.dtype == mixed.dtype == torch.bfloat16
+    assert torch.allclose(mixed.float(), plain, atol=0.05)
+    mixed.float().sum().backward()
+    assert encode.weight.grad.dtype == decode.weight.grad.dtype == torch.float32
+    assert encode.weight.grad.abs().sum() > 0 and decode.weight.grad.abs().sum() > 0
 
 
 def test_neighbour_sum_equals_the_cross_convolution_of_the_seam_blend():
