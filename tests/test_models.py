@@ -259,3 +259,39 @@ def test_neighbour_sum_equals_the_cross_convolution_of_the_seam_blend():
     expected = F.conv2d(values.flatten(0, 1)[:, None], cross, padding=1).view_as(values)
     assert torch.equal(_neighbour_sum(values), expected)
     assert _neighbour_sum(values)[0, 0, 0, 0] == values[0, 0, 0, 1] + values[0, 0, 1, 0]  # a corner: 2 neighbours
+
+
+def test_seam_correction_in_a_window_holding_the_hole_equals_the_whole_frame():
+    """The seam blend on the window alone: the same correction and gradient as on the whole frame,
+    for a ragged hole inside the window touching its edges; a hole-sized G blends in its centre square."""
+    from hybridgan.models.generator import seam_correction
+
+    torch.manual_seed(0)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = (torch.rand(2, 1, 16, 16) > 0.3).float()
+    mask[..., 8, 8:24] = mask[..., 8:24, 23] = 1.0  # the window's top and right edges
+    masked = images(2, 32) * (1 - mask)
+    corrections, gradients = [], []
+    for window in (None, (8, 8, 16)):
+        filled = (masked + mask * images(2, 32)).requires_grad_()
+        correction = seam_correction(filled, masked, mask, 3.0, window)
+        (correction * torch.linspace(-1, 1, 32)).sum().backward()
+        corrections.append(correction.detach())
+        gradients.append(filled.grad)
+    assert corrections[0].abs().max() > 0.1
+    torch.testing.assert_close(corrections[1], corrections[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(gradients[1], gradients[0], atol=1e-5, rtol=0)
+    assert torch.equal(corrections[1] * (1 - mask), torch.zeros_like(masked))
+    config = GeneratorConfig(base_channels=8, bottleneck=16, seam_blend=3.0)
+    assert ContextEncoder(config, 32, 16).hole_window == (8, 8, 16)
+    assert ContextEncoder(config, 32, 16, output_size=32).hole_window is None
+
+
+def test_border_weights_square_maximum_equals_max_pool_over_the_square():
+    """`border_weights` takes the band's square maximum as two one-dimensional ones: the same weights."""
+    from hybridgan.losses import border_weights
+
+    torch.manual_seed(0)
+    mask = (torch.rand(3, 1, 40, 40) > 0.4).float()
+    near_known = F.max_pool2d(1 - mask, 9, stride=1, padding=4)
+    assert torch.equal(border_weights(mask, band=4, weight=10.0), mask * (1 + 9 * near_known))
