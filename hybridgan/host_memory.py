@@ -24,6 +24,8 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 """`mallopt` parameter numbers from glibc's <malloc.h>."""
 
+_kept = False  # whether `keep_freed_memory` took effect in this process (glibc cannot be asked)
+
 
 def _glibc() -> ctypes.CDLL | None:
     """The C library of this process when it is glibc with `mallopt`, else None (musl, macOS, Windows)."""
@@ -36,9 +38,16 @@ def _glibc() -> ctypes.CDLL | None:
 def keep_freed_memory() -> bool:
     """Tell glibc to keep freed memory mapped for reuse (module docstring); True when both settings
     took effect, False on another C library, where nothing is changed."""
+    global _kept
     libc = _glibc()
     if libc is None:
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt.restype = ctypes.c_int
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+    _kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+    return _kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether `keep_freed_memory` has taken effect in this process (recorded by `hybridgan.bench`)."""
+    return _kept

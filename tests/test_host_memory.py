@@ -17,7 +17,7 @@ from hybridgan.train import GanTraining
 # In a fresh process (the setting is process-wide): where a freed 64 MiB block lives, before and after.
 PROBE = """
 import ctypes, json
-from hybridgan.host_memory import keep_freed_memory
+from hybridgan.host_memory import freed_memory_kept, keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -33,9 +33,10 @@ def block_of_64_mib():
     libc.free(block)
     return {"mmapped_bytes": mapped, "heap_bytes_after_free": libc.mallinfo2().arena}
 
-before = block_of_64_mib()
+before, kept_before = block_of_64_mib(), freed_memory_kept()
 applied = keep_freed_memory()
-print(json.dumps({"before": before, "applied": applied, "after": block_of_64_mib()}))
+print(json.dumps({"before": before, "kept_before": kept_before, "applied": applied, "kept": freed_memory_kept(),
+                  "after": block_of_64_mib()}))
 """
 
 
@@ -45,7 +46,7 @@ def test_keep_freed_memory_makes_glibc_serve_a_large_block_from_the_heap_and_kee
     probe = json.loads(out.stdout)
     assert probe["before"]["mmapped_bytes"] >= 64 << 20  # glibc's default: mapped, then unmapped by free
     assert probe["before"]["heap_bytes_after_free"] < 64 << 20
-    assert probe["applied"] is True
+    assert probe["applied"] is probe["kept"] is True and probe["kept_before"] is False
     assert probe["after"]["mmapped_bytes"] < 64 << 20  # from the heap ...
     assert probe["after"]["heap_bytes_after_free"] >= 64 << 20  # ... which keeps it once freed
 
