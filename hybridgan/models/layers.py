@@ -11,7 +11,7 @@ size fails in the matrix product.
 Under autocast the products run in its dtype, as `nn.Linear` would. At training batch sizes they are
 memory-bound (the 4000-channel bottleneck's two weights are 65 M of G's 71 M parameters), and bf16
 halves the bytes each product reads: on the CPU at batch 16, 128x128, one thread, the Pathak step ran
-444-429 ms with bf16 products against 487-474 ms with float32 ones, once glibc keeps freed memory
+429-446 ms with bf16 products against 474-487 ms with float32 ones, once glibc keeps freed memory
 (`hybridgan.host_memory`; without that, the bf16 weight copies and gradient casts were page-faulted
 in afresh every step and float32 was faster, 574 against 654 ms).
 """
