@@ -11,7 +11,9 @@ PyTorch needs: `transforms.Scale` -> `Resize` (not used here: batches come from 
 `GanTraining.step` of `configs/paper.yaml` with `discriminator.kind=pathak` in fp32, fed uint8 batches as our loader
 yields them (the step normalises them on the device with `to_device`); the peer gets the same faces
 as float in [-1, 1], as its DataLoader yields them. Both: batch 16, 128x128, 64x64 centre hole, the
-same thread count. Each round times
+same thread count. Each side runs in a process of its own (started fresh, not forked): our
+training sets glibc's allocator to keep freed memory (`hybridgan.host_memory`), a process-wide
+setting that the peer's code, run as its users run it, does not have. Each round times
 `--steps` steps of one and then of the other (after one untimed warm-up step each), so both see the
 same load on a shared machine; the script prints the median img/s of each over the rounds, their
 ratio, and the FLOPs of one training step per image (forward and backward, counted by PyTorch's
@@ -23,11 +25,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import textwrap
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Callable
@@ -136,6 +140,22 @@ def step_flops_per_image(step: Callable[[torch.Tensor], None], images: torch.Ten
     return counter.get_total_flops() / images.shape[0]
 
 
+def side_process(name: str, peer: Path, threads: int, steps: int, conn: Connection) -> None:
+    """One side ("peer" or "ours") in its own process: sends its FLOPs per image (the counted step is
+    also its warm-up), then the img/s of `steps` timed steps each time it receives True."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    batches = synthetic_batches(steps)
+    with tempfile.TemporaryDirectory() as runs:
+        if name == "peer":
+            step, inputs = peer_step(peer), [as_float(batch) for batch in batches]
+        else:
+            step, inputs = our_step(Path(runs)), batches
+        conn.send(step_flops_per_image(step, inputs[0]))
+        while conn.recv():
+            conn.send(images_per_second(step, inputs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer", type=Path, required=True, help="checkout of BoyuanJiang/context_encoder_pytorch")
@@ -143,18 +163,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    batches = synthetic_batches(args.steps)
-    inputs = {"peer": [as_float(batch) for batch in batches], "ours": batches}
-    with tempfile.TemporaryDirectory() as runs:
-        sides = {"peer": peer_step(args.peer), "ours": our_step(Path(runs))}
-        flops = {name: step_flops_per_image(step, inputs[name][0]) for name, step in sides.items()}
-        rates: dict[str, list[float]] = {name: [] for name in sides}
-        for round_index in range(args.rounds):
-            for name, step in sides.items():
-                rates[name].append(images_per_second(step, inputs[name]))
-                print(f"round {round_index + 1}: {name} {rates[name][-1]:.3f} img/s", flush=True)
+    spawn = multiprocessing.get_context("spawn")
+    sides, processes = {}, []
+    for name in ("peer", "ours"):
+        conn, child = spawn.Pipe()
+        process = spawn.Process(target=side_process, args=(name, args.peer, args.threads, args.steps, child))
+        process.start()
+        sides[name], processes = conn, [*processes, process]
+    flops = {name: conn.recv() for name, conn in sides.items()}
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for round_index in range(args.rounds):
+        for name, conn in sides.items():
+            conn.send(True)
+            rates[name].append(conn.recv())
+            print(f"round {round_index + 1}: {name} {rates[name][-1]:.3f} img/s", flush=True)
+    for conn in sides.values():
+        conn.send(False)
+    for process in processes:
+        process.join()
     median = {name: statistics.median(values) for name, values in rates.items()}
     result = {"threads": args.threads, "batch": BATCH, "image_size": SIZE, "rounds": args.rounds,
               "steps_per_round": args.steps, "img_per_s": rates, "median_img_per_s": median,

