@@ -27,6 +27,7 @@ def saved(tmp_path):
         with torch.no_grad():
             model.weight.fill_(step)
         manager.save(step, {"world_size": 1, "batch_size_per_rank": 8})
+    manager.wait()
     return manager, model
 
 
@@ -112,7 +113,9 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path):
         accelerator = Accelerator(cpu=True)
         model = torch.nn.Linear(4, 2)
         model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
-        checkpoint = CheckpointManager(accelerator, tmp_path, keep=1).save(1, {})
+        manager = CheckpointManager(accelerator, tmp_path, keep=1)
+        checkpoint = manager.save(1, {})
+        manager.wait()
         export = save_export(model.state_dict(), tmp_path / "generator.safetensors", load_config(), "generator")
     finally:
         os.umask(old)

@@ -79,6 +79,8 @@ def test_dotted_override_changes_value():
     ("train.lr_scaling=cubic", "train.lr_scaling"),
     ("pretrain.reference_batch_size=0", "pretrain.reference_batch_size"),
     ("train.grad_clip=-1.0", "train.grad_clip"),
+    ("train.checkpoint_every_minutes=-0.5", "train.checkpoint_every_minutes"),
+    ("pretrain.eval_every_minutes=-1", "pretrain.eval_every_minutes"),
 ])
 def test_out_of_range_value_names_key_and_value(override, key):
     with pytest.raises(ConfigError) as err:
