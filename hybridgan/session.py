@@ -372,8 +372,8 @@ class TrainingSession:
         step, every = self.state.step, self.stage_cfg
         epoch_done = step % self.steps_per_epoch == 0 or step == self.total_steps
         stop, checkpoint_time, eval_time = self._agree_on_signals_and_clock()
-        checkpoint_due = step % every.checkpoint_every == 0 or epoch_done or checkpoint_time or stop
-        eval_due = self._on_eval is not None and (eval_time or bool(every.eval_every and step % every.eval_every == 0))
+        checkpoint_due = _every(step, every.checkpoint_every) or checkpoint_time or epoch_done or stop
+        eval_due = self._on_eval is not None and (_every(step, every.eval_every) or eval_time)
         if step % every.log_every == 0 or checkpoint_due:
             self.flush_losses(epoch)
         if eval_due:
@@ -510,6 +510,11 @@ class TrainingSession:
         """Final checkpoint (if the last step has none yet) and close."""
         self.checkpoint()
         self.close()
+
+
+def _every(step: int, steps: int) -> bool:
+    """Whether `step` is on a cadence of `steps` steps (0: off)."""
+    return steps > 0 and step % steps == 0
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

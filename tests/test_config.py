@@ -22,6 +22,9 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 def test_shipped_configs_load():
     paper = load_config(REPO / "configs/paper.yaml")
     assert paper.data.image_size == 128 and paper.mask.hole_size == 64 and paper.loss.alpha == 0.999
+    for stage in (paper.pretrain, paper.train):  # saved by time, in the background, whatever the device's speed
+        assert (stage.checkpoint_every, stage.checkpoint_every_minutes, stage.checkpoint_async) == (0, 15, True)
+    assert (paper.train.eval_every, paper.train.eval_every_minutes) == (0, 15)
     smoke = load_config(REPO / "configs/smoke-cpu.yaml")
     assert smoke.data.source.startswith("synthetic:") and smoke.train.cpu is True
 

@@ -212,8 +212,8 @@ def test_checkpoints_and_evaluations_come_at_the_steps_the_minutes_say(tiny_shar
 @pytest.mark.slow
 def test_two_ranks_checkpoint_the_same_step_when_only_rank_0s_clock_says_it_is_due(tiny_shards, tmp_path):
     """Rank 0's fake clock runs 20 s per step, rank 1's stands still; the ranks agree at log steps
-    (every 2), so the minute comes due at step 4 for both."""
-    args = tiny_args(tiny_shards, tmp_path, "pretrain.max_steps=8", "pretrain.checkpoint_every=100",
+    (every 2), so the minute comes due at step 4 for both (`checkpoint_every=0`: not by steps)."""
+    args = tiny_args(tiny_shards, tmp_path, "pretrain.max_steps=8", "pretrain.checkpoint_every=0",
                      "pretrain.checkpoint_every_minutes=1", "pretrain.eval_batches=0")
     result = subprocess.run([*accelerate_2_ranks(), str(REPO / "tests" / "clock_on_rank0.py"), *args], cwd=REPO,
                             env=stage_env(), capture_output=True, text=True, timeout=300)
