@@ -2,7 +2,7 @@
 
 Layout inside a stage folder::
 
-    checkpoints/step-00000120/                accelerator.save_state(): models, optimizers, RNG, TrainState
+    checkpoints/step-00000120/                the files of accelerator.save_state(): models, optimizers, RNG, TrainState
     checkpoints/step-00000120/manifest.json   name, size and sha256 of every file above, and what the
                                               session saved it with (world size, per-rank batch)
     checkpoints/latest                        the name of the newest checkpoint (temp + rename)
@@ -11,7 +11,9 @@ Layout inside a stage folder::
 A checkpoint is written into `checkpoints/.partial-step-N/`; once every rank has written its part
 the main process writes `manifest.json` and renames the folder, then replaces `latest`. A kill at
 any moment therefore leaves complete `step-*` folders only (a stale `.partial-*` is removed on the
-next save).
+next save). On resume, the newest `step-*` whose files match their manifest is used, whatever
+`latest` says (missing, dangling or older); a damaged one is named and moved aside, never deleted.
+Files follow the user's umask (safetensors and tempfile write mode 0600 on their own).
 
 By default (`checkpoint_async`) the step does not wait for the big files: the main thread takes a
 snapshot (model and optimizer state dicts copied to host memory; RNG states, scaler and registered
@@ -21,9 +23,7 @@ states under the names `Accelerator.load_state` expects, then the manifest, the 
 and the pruning. At most one save is in flight: the next save, `wait` (the session's close) and a
 resume wait for it. The background thread never runs a collective: every barrier is in the main
 thread. DeepSpeed engines save through their own collective `save_checkpoint`, so under DeepSpeed
-(and with `checkpoint_async: false`) the whole save runs in the main thread as before. On resume, the newest `step-*` whose files match their manifest is used, whatever
-`latest` says (missing, dangling or older); a damaged one is named and moved aside, never deleted.
-Files follow the user's umask (safetensors and tempfile write mode 0600 on their own).
+(and with `checkpoint_async: false`) the whole save runs in the main thread with `save_state`.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class CheckpointManager:
             for stale in self.dir.glob(".partial-*"):
                 shutil.rmtree(stale)
         acc.wait_for_everyone()
-        umask = current_umask()  # read here: reading it sets it for a moment, racing the main thread
+        umask = current_umask()  # read in the main thread: reading it sets it for a moment
         if self.background:
             snapshot = take_snapshot(acc, partial)
             acc.wait_for_everyone()  # every rank's RNG states are in `partial`
@@ -224,7 +224,10 @@ def take_snapshot(acc: Accelerator, folder: Path) -> Snapshot | None:
     """What `Accelerator.save_state` would write, at this moment, on every rank: the small files
     (RNG states of this rank, scaler, schedulers, samplers, registered objects) are written into
     `folder` now by Accelerate itself; the main process returns host copies of the model and
-    optimizer states for `write_snapshot` (other ranks return None: they write no weights)."""
+    optimizer states for `write_snapshot` (other ranks return None: they write no weights).
+
+    Accelerate keeps the prepared objects in private lists, read here as `save_state` reads them;
+    `save_state`'s model pre-hooks (`register_save_state_pre_hook`, unused here) are not called."""
     folder.mkdir(parents=True, exist_ok=True)
     on_each_node = acc.project_configuration.save_on_each_node
     save_accelerator_state(str(folder), [], [], acc._schedulers, acc._dataloaders, acc.process_index, acc.step,

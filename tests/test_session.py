@@ -25,7 +25,7 @@ from hybridgan.pretrain import pretrain
 from hybridgan.session import EXIT_REQUEUE, TrainingError, TrainingSession, build_adam
 from hybridgan.train import GanTraining, train
 from stage_runs import (REPO, accelerate_2_ranks, kill_after_checkpoint, latest_step, launches, read_records,
-                        run_stage, stage_env)
+                        run_stage, stage_env, wait_for)
 
 SHORT = ["pretrain.max_steps=4", "pretrain.checkpoint_every=2", "pretrain.eval_batches=0"]
 
@@ -272,3 +272,28 @@ def test_a_failed_background_write_stops_the_run_naming_it_and_a_rerun_resumes_f
     pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
     assert "from step-00000002 (step 2)" in capsys.readouterr().out
     assert latest_step(stage) == 6
+
+
+def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_latest_and_resumable(
+        tiny_shards, tmp_path, capsys):
+    args = tiny_args(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6")
+    stage = tmp_path / "t" / "pretrain"
+    partial = stage / "checkpoints" / ".partial-step-00000004"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "held_writer.py"), *args], cwd=REPO,
+                            env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (partial / "model.safetensors").is_file() or proc.poll() is not None, 120,
+                 "the held write of step 4")
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert latest_step(stage) == 2 and not (partial / "manifest.json").exists()
+    assert _checkpoint_steps(stage) == [2]
+    capsys.readouterr()
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
+    assert "from step-00000002 (step 2)" in capsys.readouterr().out
+    assert latest_step(stage) == 6 and not partial.exists()
