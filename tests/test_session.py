@@ -4,12 +4,13 @@ minutes (one and two ranks), checkpoints written in the background."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -229,26 +230,29 @@ def test_two_ranks_checkpoint_the_same_step_when_only_rank_0s_clock_says_it_is_d
 
 
 def test_the_step_goes_on_while_the_checkpoint_is_written_and_finish_waits_for_it(tiny_shards, tmp_path, monkeypatch):
+    """The writer of each checkpoint waits (up to 30 s) until the session's checkpoint call has
+    returned: a save that waited for its writer would show up as a write before the return."""
     events: list[tuple[str, int]] = []
+    returned: dict[int, threading.Event] = collections.defaultdict(threading.Event)
     honest_writer, honest_checkpoint = checkpoint.write_snapshot, TrainingSession.checkpoint
 
-    def slow_writer(snapshot, folder):
+    def held_writer(snapshot, folder):
         step = int(folder.name.split("-")[-1])
-        time.sleep(0.3)
+        returned[step].wait(timeout=30)
         honest_writer(snapshot, folder)
         events.append(("written", step))
 
     def checkpoint_call(self):
         honest_checkpoint(self)
         events.append(("returned", self.state.step))
+        returned[self.state.step].set()
 
-    monkeypatch.setattr(checkpoint, "write_snapshot", slow_writer)
+    monkeypatch.setattr(checkpoint, "write_snapshot", held_writer)
     monkeypatch.setattr(TrainingSession, "checkpoint", checkpoint_call)
     pretrain(tiny_config(tiny_shards, tmp_path, *SHORT))
     stage = tmp_path / "t" / "pretrain"
-    for step in (2, 4):  # the checkpoint call returned before its files were written
-        assert events.index(("returned", step)) < events.index(("written", step))
-    assert events[-1] == ("written", 4)  # finish() waited for the last write
+    # the last step's checkpoint, then finish()'s call (nothing left to save), and finish() waited for the write
+    assert events == [("returned", 2), ("written", 2), ("returned", 4), ("returned", 4), ("written", 4)]
     assert latest_step(stage) == 4 and verify_manifest(stage / "checkpoints" / "step-00000004") is None
 
 
