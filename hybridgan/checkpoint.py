@@ -2,7 +2,7 @@
 
 Layout inside a stage folder::
 
-    checkpoints/step-00000120/                accelerator.save_state(): models, optimizers, RNG, TrainState
+    checkpoints/step-00000120/                the files of accelerator.save_state(): models, optimizers, RNG, TrainState
     checkpoints/step-00000120/manifest.json   name, size and sha256 of every file above, and what the
                                               session saved it with (world size, per-rank batch)
     checkpoints/latest                        the name of the newest checkpoint (temp + rename)
@@ -14,6 +14,16 @@ any moment therefore leaves complete `step-*` folders only (a stale `.partial-*`
 next save). On resume, the newest `step-*` whose files match their manifest is used, whatever
 `latest` says (missing, dangling or older); a damaged one is named and moved aside, never deleted.
 Files follow the user's umask (safetensors and tempfile write mode 0600 on their own).
+
+By default (`checkpoint_async`) the step does not wait for the big files: the main thread takes a
+snapshot (model and optimizer state dicts copied to host memory; RNG states, scaler and registered
+objects written at once, on every rank, with Accelerate's own `save_accelerator_state` and
+`save_custom_state`), and a background thread of the main process writes the weights and optimizer
+states under the names `Accelerator.load_state` expects, then the manifest, the rename, `latest`
+and the pruning. At most one save is in flight: the next save, `wait` (the session's close) and a
+resume wait for it. The background thread never runs a collective: every barrier is in the main
+thread. DeepSpeed engines save through their own collective `save_checkpoint`, so under DeepSpeed
+(and with `checkpoint_async: false`) the whole save runs in the main thread with `save_state`.
 """
 
 from __future__ import annotations
@@ -22,14 +32,24 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from accelerate import Accelerator
+from accelerate.checkpointing import save_accelerator_state, save_custom_state
+from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, DistributedType, save
+from accelerate.utils.other import clean_state_dict_for_safetensors
 
 from hybridgan.atomic import write_text_atomic
 
 MANIFEST = "manifest.json"
+
+SNAPSHOT_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+"""Where every rank holds whole replicated models, so the main process's host copy is the checkpoint
+(DDP, one process); DeepSpeed, FSDP and the rest save through their own collectives, synchronously."""
 
 
 class CheckpointError(RuntimeError):
@@ -39,10 +59,13 @@ class CheckpointError(RuntimeError):
 class CheckpointManager:
     """Save, find, verify and prune the checkpoints of one stage folder."""
 
-    def __init__(self, accelerator: Accelerator, stage_dir: Path, keep: int) -> None:
+    def __init__(self, accelerator: Accelerator, stage_dir: Path, keep: int, background: bool = True) -> None:
         self.accelerator = accelerator
         self.dir = stage_dir / "checkpoints"
         self.keep = keep
+        self.background = background and accelerator.distributed_type in SNAPSHOT_TYPES
+        self._writer: threading.Thread | None = None
+        self._failure: str | None = None
 
     def latest(self) -> Path | None:
         """The newest checkpoint by name (unverified), or None when the stage has none yet."""
@@ -54,8 +77,9 @@ class CheckpointManager:
 
         Damaged ones are moved to `damaged-step-N/` and named through `say`; a missing or dangling
         `latest` is named and rewritten. Raises CheckpointError when checkpoints exist but none is
-        intact; returns None when the stage has none.
+        intact (or the write in flight failed); returns None when the stage has none.
         """
+        self.wait()
         candidates = self._complete()
         pointer = self.dir / "latest"
         named = pointer.read_text().strip() if pointer.is_file() else None
@@ -82,30 +106,77 @@ class CheckpointManager:
 
     def save(self, step: int, saved_with: dict[str, Any]) -> Path:
         """Write the accelerator's whole state as checkpoint `step` on every rank, with `saved_with`
-        (JSON values) in its manifest; returns its path."""
+        (JSON values) in its manifest; returns its path (all ranks must call it).
+
+        With `background`, it returns once the snapshot is taken and the main process's writer
+        thread has the rest; the checkpoint is complete when `wait` returns. Raises CheckpointError
+        on every rank when the previous background write failed.
+        """
         final = self.dir / f"step-{step:08d}"
         partial = self.dir / f".partial-step-{step:08d}"
         acc = self.accelerator
+        problem = None
+        try:
+            self.wait()
+        except CheckpointError as err:
+            problem = str(err)
+        if any_rank(acc, problem is not None)[0]:
+            raise CheckpointError(problem or f"{self.dir}: the main process could not write its last checkpoint")
         if acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".partial-*"):
                 shutil.rmtree(stale)
         acc.wait_for_everyone()
+        umask = current_umask()  # read in the main thread: reading it sets it for a moment
+        if self.background:
+            snapshot = take_snapshot(acc, partial)
+            acc.wait_for_everyone()  # every rank's RNG states are in `partial`
+            if acc.is_main_process:
+                self._writer = threading.Thread(target=self._write_in_background, name=f"checkpoint {final.name}",
+                                                args=(snapshot, partial, final, saved_with, umask))
+                self._writer.start()
+            return final
         acc.save_state(str(partial))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            follow_umask(partial)
-            write_manifest(partial, saved_with)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            self._point_latest_to(final)
-            self._prune(final)
+            self._publish(partial, final, saved_with, umask)
         acc.wait_for_everyone()
         return final
 
+    def wait(self) -> None:
+        """Block until the background write in flight (if any) is done; raise CheckpointError (one
+        line naming the folder) when it failed. The previous checkpoint is then still `latest`."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise CheckpointError(failure)
+
+    def _write_in_background(self, snapshot: Snapshot, partial: Path, final: Path, saved_with: dict[str, Any],
+                             umask: int) -> None:
+        try:
+            write_snapshot(snapshot, partial)
+            self._publish(partial, final, saved_with, umask)
+        except Exception as err:  # handed to the main thread at its next wait
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self._failure = (f"{partial}: writing the checkpoint failed ({reason}); the previous checkpoint "
+                             f"stays the latest")
+
+    def _publish(self, partial: Path, final: Path, saved_with: dict[str, Any], umask: int) -> None:
+        """Main process, once every file of `partial` is written: manifest, modes, rename, `latest`, prune."""
+        write_manifest(partial, saved_with)
+        follow_umask(partial, umask)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        self._point_latest_to(final)
+        self._prune(final)
+
     def load(self, path: Path) -> None:
-        """Restore models, optimizers, RNG states and registered objects from `path`."""
+        """Restore models, optimizers, RNG states and registered objects from `path` (after any
+        write in flight)."""
+        self.wait()
         self.accelerator.load_state(str(path))
 
     def saved_with(self, path: Path) -> dict[str, Any]:
@@ -129,6 +200,66 @@ class CheckpointManager:
                 shutil.rmtree(old)
 
 
+@dataclass
+class Snapshot:
+    """Host copies of the main process's model and optimizer state dicts, in the accelerator's order."""
+
+    models: list[dict[str, Any]]
+    optimizers: list[dict[str, Any]]
+
+
+def host_copy(value: Any) -> Any:
+    """`value` (nested dicts, lists and tuples of tensors and plain values) with every tensor copied
+    to host memory, so that later steps cannot change it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((key, host_copy(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value
+
+
+def take_snapshot(acc: Accelerator, folder: Path) -> Snapshot | None:
+    """What `Accelerator.save_state` would write, at this moment, on every rank: the small files
+    (RNG states of this rank, scaler, schedulers, samplers, registered objects) are written into
+    `folder` now by Accelerate itself; the main process returns host copies of the model and
+    optimizer states for `write_snapshot` (other ranks return None: they write no weights).
+
+    Accelerate keeps the prepared objects in private lists, read here as `save_state` reads them;
+    `save_state`'s model pre-hooks (`register_save_state_pre_hook`, unused here) are not called."""
+    folder.mkdir(parents=True, exist_ok=True)
+    on_each_node = acc.project_configuration.save_on_each_node
+    save_accelerator_state(str(folder), [], [], acc._schedulers, acc._dataloaders, acc.process_index, acc.step,
+                           acc.scaler, save_on_each_node=on_each_node)
+    for index, obj in enumerate(acc._custom_objects):
+        save_custom_state(obj, str(folder), index, save_on_each_node=on_each_node)
+    if not acc.is_main_process:
+        return None
+    models = [host_copy(clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False)))
+              for model in acc._models]
+    return Snapshot(models, [host_copy(optimizer.state_dict()) for optimizer in acc._optimizers])
+
+
+def write_snapshot(snapshot: Snapshot, folder: Path) -> None:
+    """The snapshot's weights and optimizer states in `folder`, under the names (and with the
+    serialisation) of Accelerate's `save_accelerator_state`, which `load_state` reads back."""
+    for index, state in enumerate(snapshot.models):
+        name = SAFE_WEIGHTS_NAME if index == 0 else SAFE_WEIGHTS_NAME.replace(".", f"_{index}.")
+        save(state, folder / name, safe_serialization=True)
+    for index, state in enumerate(snapshot.optimizers):
+        name = f"{OPTIMIZER_NAME}.bin" if index == 0 else f"{OPTIMIZER_NAME}_{index}.bin"
+        save(state, folder / name, safe_serialization=False)
+
+
+def any_rank(acc: Accelerator, *flags: bool) -> tuple[bool, ...]:
+    """Each flag or-ed over all ranks, in one all-reduce (every rank must call it at the same point)."""
+    if acc.num_processes == 1:
+        return flags
+    totals = acc.reduce(torch.tensor([float(flag) for flag in flags], device=acc.device), reduction="sum")
+    return tuple(bool(total > 0) for total in totals.tolist())
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -142,9 +273,7 @@ def write_manifest(folder: Path, saved_with: dict[str, Any]) -> None:
     `saved_with`."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = [{"name": str(p.relative_to(folder)), "size": p.stat().st_size, "sha256": _sha256(p)} for p in files]
-    target = folder / MANIFEST
-    target.write_text(json.dumps({"files": entries, "saved_with": saved_with}, indent=1))
-    follow_umask(target)
+    (folder / MANIFEST).write_text(json.dumps({"files": entries, "saved_with": saved_with}, indent=1))
 
 
 def verify_manifest(folder: Path) -> str | None:
@@ -170,11 +299,18 @@ def verify_manifest(folder: Path) -> str | None:
     return None
 
 
-def follow_umask(path: Path) -> None:
-    """Give `path` (a file, or a folder and everything under it) the modes a plain `open`/`mkdir`
-    would under the current umask: safetensors and tempfile create their files with mode 0600."""
+def current_umask() -> int:
+    """The process's umask (reading it means setting it for a moment: call it from the main thread)."""
     mask = os.umask(0)
     os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path, mask: int | None = None) -> None:
+    """Give `path` (a file, or a folder and everything under it) the modes a plain `open`/`mkdir`
+    would under umask `mask` (default: the current one): safetensors and tempfile create their
+    files with mode 0600."""
+    mask = current_umask() if mask is None else mask
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for item in paths:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)

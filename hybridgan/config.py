@@ -124,6 +124,10 @@ class StageConfig:
     `linear` multiplies it by batch_size / reference_batch_size, `sqrt` by the square root of that.
     `epochs` 0 leaves the length to `max_steps` alone (one of them must be > 0).
     `grad_clip` > 0 clips the global gradient norm of every model (DDP and DeepSpeed alike); 0 is off.
+    `checkpoint_every_minutes` and `eval_every_minutes` (0 is off) add a cadence in minutes of the
+    main process's clock to the one in steps (`checkpoint_every`, `eval_every`; 0 is off too):
+    whichever comes first; every epoch's end is checkpointed anyway (docs/fault-tolerance.md).
+    `checkpoint_async` writes checkpoints in a background thread from a host copy of the state.
     """
 
     epochs: int = 5
@@ -136,8 +140,11 @@ class StageConfig:
     max_steps: int = 0
     log_every: int = 10
     eval_every: int = 0
+    eval_every_minutes: float = 0.0
     eval_batches: int = 8
     checkpoint_every: int = 200
+    checkpoint_every_minutes: float = 0.0
+    checkpoint_async: bool = True
     keep_checkpoints: int = 2
     mixed_precision: str = "no"
     channels_last: Any = False  # true, false or "auto" (hybridgan.devices)
@@ -188,8 +195,7 @@ _POSITIVE = (
     "data.image_size", "pack.source_size", "pack.shard_size", "pack.workers", "mask.hole_size",
     "generator.base_channels", "generator.bottleneck", "discriminator.decoder_width",
     "discriminator.pathak_channels", "pretrain.batch_size", "train.batch_size", "pretrain.lr",
-    "train.lr", "pretrain.log_every", "train.log_every", "pretrain.checkpoint_every",
-    "train.checkpoint_every", "pretrain.keep_checkpoints", "train.keep_checkpoints",
+    "train.lr", "pretrain.log_every", "train.log_every", "pretrain.keep_checkpoints", "train.keep_checkpoints",
     "eval.batch_size", "data.shuffle_buffer", "blur.min_side", "mask.min_box", "mask.strokes",
     "mask.stroke_width", "pretrain.reference_batch_size", "train.reference_batch_size",
 )
@@ -200,6 +206,9 @@ _NON_NEGATIVE = (
     "loss.pixel_weight", "blur.min_variance", "blur.top_left", "pretrain.eval_batches",
     "train.eval_batches", "eval.figure_rows", "loss.overlap", "loss.overlap_weight",
     "generator.seam_blend", "pretrain.grad_clip", "train.grad_clip",
+    "pretrain.checkpoint_every", "train.checkpoint_every", "pretrain.checkpoint_every_minutes",
+    "train.checkpoint_every_minutes", "pretrain.eval_every_minutes",
+    "train.eval_every_minutes",
 )
 
 

@@ -10,8 +10,10 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
   on each rank,
 - resume: re-running the same command loads the newest intact checkpoint and continues from its
   step, on the same or another world size,
-- checkpoints every `checkpoint_every` steps (and on SIGTERM/SIGUSR1/SIGINT, then exit code 75 so
-  that a scheduler requeues and the re-run resumes), keeping the last `keep_checkpoints`,
+- checkpoints every `checkpoint_every` steps or `checkpoint_every_minutes` (and on SIGTERM/SIGUSR1/
+  SIGINT, then exit code 75 so that a scheduler requeues and the re-run resumes), keeping the last
+  `keep_checkpoints`, written in the background (`checkpoint_async`, `hybridgan.checkpoint`),
+- evaluation every `eval_every` steps or `eval_every_minutes`,
 - the NaN guard: a non-finite loss stops the run with one line naming the step and the loss, and
   the last good checkpoint stays the latest,
 - rank-0-only metrics (`metrics.jsonl`, TensorBoard) and the progress bar.
@@ -44,7 +46,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from hybridgan.atomic import write_text_atomic
-from hybridgan.checkpoint import CheckpointError, CheckpointManager
+from hybridgan.checkpoint import CheckpointError, CheckpointManager, any_rank
 from hybridgan.config import (Config, StageConfig, add_config_arguments, config_from_args, save_config, scaled_lr,
                               to_yaml)
 from hybridgan.devices import resolve_mixed_precision, use_channels_last
@@ -60,12 +62,16 @@ MIN_BATCH_PER_RANK = 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Signals that checkpoint the current step and exit with EXIT_REQUEUE (Slurm, timeout, Ctrl-C)."""
 
-RESCHEDULABLE = ("log_every", "checkpoint_every", "eval_every", "eval_batches", "keep_checkpoints", "compile",
-                 "channels_last", "cpu")
+RESCHEDULABLE = ("log_every", "checkpoint_every", "checkpoint_every_minutes", "checkpoint_async", "eval_every",
+                 "eval_every_minutes", "eval_batches", "keep_checkpoints", "compile", "channels_last", "cpu")
 """Stage keys that a resume may change: they schedule the run without changing what it computes."""
 
 LENGTHS = ("epochs", "max_steps")
 """Stage keys that a resume may raise (a longer run), never lower."""
+
+clock = time.monotonic
+"""The time source of `checkpoint_every_minutes` and `eval_every_minutes`, read by the main process
+only (tests replace it)."""
 
 
 class TrainingError(RuntimeError):
@@ -126,7 +132,8 @@ class TrainingSession:
         set_seed(cfg.run.seed, device_specific=False)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
-        self.checkpoints = CheckpointManager(self.accelerator, self.dir, stage_cfg.keep_checkpoints)
+        self.checkpoints = CheckpointManager(self.accelerator, self.dir, stage_cfg.keep_checkpoints,
+                                             background=stage_cfg.checkpoint_async)
         self.logger = MetricsLogger(self.dir, enabled=False)
         self._lock = StageLock(self.dir)
         self._stop_signal: int | None = None
@@ -134,6 +141,7 @@ class TrainingSession:
         self._bar: tqdm | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._last_checkpoint_step = -1
+        self._checkpointed_at = self._evaluated_at = 0.0  # the main process's `clock()`
         self._lock_stage()
         try:
             self._write_config()
@@ -153,7 +161,7 @@ class TrainingSession:
                 problem = str(err)
             except OSError as err:
                 problem = f"{err.filename or self.dir}: cannot write the run folder ({err.strerror})"
-        if self._any_rank(problem is not None):
+        if any_rank(self.accelerator, problem is not None)[0]:
             raise TrainingError(problem or f"{self.dir}: the main process could not take this stage folder")
 
     def prepare(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
@@ -256,8 +264,8 @@ class TrainingSession:
         """Resume from the latest checkpoint if there is one; start metrics and signals; returns the step.
 
         `on_epoch_end(epoch)` runs on every rank after the last step of each epoch and `on_eval()`
-        every `eval_every` steps, both before that step's checkpoint, so a resumed run never misses
-        an epoch's record.
+        every `eval_every` steps or `eval_every_minutes`, both before that step's checkpoint, so a
+        resumed run never misses an epoch's record. The minutes count from here.
         """
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
@@ -271,6 +279,7 @@ class TrainingSession:
         self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step, say=self.print)
         self._record_launch(resumed_from)
         self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        self._checkpointed_at = self._evaluated_at = clock()
         if self.is_main:
             self._bar = tqdm(total=total_steps, initial=self.state.step, desc=self.dir.name,
                              dynamic_ncols=True, file=sys.stderr)
@@ -292,7 +301,7 @@ class TrainingSession:
                 name = found.name if found else None
             except (CheckpointError, OSError) as err:
                 problem = str(err)
-        if self._any_rank(problem is not None):
+        if any_rank(self.accelerator, problem is not None)[0]:
             raise TrainingError(problem or f"{self.dir}: the main process found no usable checkpoint")
         name = broadcast_object_list([name])[0] if self.world_size > 1 else name
         if name is None:
@@ -350,7 +359,7 @@ class TrainingSession:
                     f" of {self.steps_per_epoch} batches")
 
     def end_step(self, epoch: int, losses: dict[str, torch.Tensor]) -> None:
-        """Count one optimisation step; log, check for NaN, checkpoint and honour signals as due.
+        """Count one optimisation step; log, check for NaN, evaluate, checkpoint and honour signals as due.
 
         `losses` are detached device tensors: they are read back (a host-device sync) only every
         `log_every` steps, at checkpoints and on stop, never on every step.
@@ -362,19 +371,20 @@ class TrainingSession:
             self._bar.update(1)
         step, every = self.state.step, self.stage_cfg
         epoch_done = step % self.steps_per_epoch == 0 or step == self.total_steps
-        checkpoint_due = step % every.checkpoint_every == 0 or epoch_done
+        stop, checkpoint_time, eval_time = self._agree_on_signals_and_clock()
+        checkpoint_due = _every(step, every.checkpoint_every) or checkpoint_time or epoch_done or stop
+        eval_due = self._on_eval is not None and (_every(step, every.eval_every) or eval_time)
         if step % every.log_every == 0 or checkpoint_due:
             self.flush_losses(epoch)
-        if self._on_eval is not None and every.eval_every and step % every.eval_every == 0:
+        if eval_due:
             self._on_eval()
+            self._evaluated_at = clock()
         if epoch_done:
             self.logger.scalars("epoch", step, epoch + 1, self._epoch_means(reset=step % self.steps_per_epoch == 0))
             self._on_epoch_end(epoch)
         if checkpoint_due:
             self.checkpoint()
-        if self._stop_requested():
-            self.flush_losses(epoch)
-            self.checkpoint()
+        if stop:
             self.print(f"signal {self._stop_signal}: checkpointed {self.dir} at step {step}; "
                        f"re-run the same command to resume")
             self.close()
@@ -432,43 +442,59 @@ class TrainingSession:
             self.state.epoch_sums, self.state.epoch_steps = {}, 0
         return means
 
-    def _any_rank(self, flag: bool) -> bool:
-        """`flag` or-ed over all ranks (every rank must call it at the same step)."""
-        if self.world_size == 1:
-            return flag
-        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum")
-        return total.item() > 0
+    def _agree_on_signals_and_clock(self) -> tuple[bool, bool, bool]:
+        """(stop, checkpoint due by the minutes, evaluation due by the minutes), the same on every rank.
 
-    def _stop_requested(self) -> bool:
-        """True on every rank when any rank got one of `STOP_SIGNALS`.
-
-        One process checks every step; several agree at log steps only (an all-reduce and a
-        host-device sync per step would cost more), so set `log_every` to a few steps' time well
-        inside the grace period (torchrun gives workers 30 s after SIGTERM).
+        The stop is any rank's `STOP_SIGNALS`; the minutes are the main process's clock since the
+        last checkpoint or evaluation (of either cadence). One process decides every step (a clock
+        read is free); several agree at log steps only, in one all-reduce of the three flags (an
+        all-reduce and a host-device sync per step would cost more), so set `log_every` to a few
+        steps' time well inside the grace period (torchrun gives workers 30 s after SIGTERM).
         """
         if self.world_size > 1 and self.state.step % self.stage_cfg.log_every != 0:
-            return False
-        stop = self._any_rank(self._stop_signal is not None)
+            return False, False, False
+        checkpoint_time = eval_time = False
+        if self.is_main:
+            now, every = clock(), self.stage_cfg
+            checkpoint_time = 0 < every.checkpoint_every_minutes * 60 <= now - self._checkpointed_at
+            eval_time = 0 < every.eval_every_minutes * 60 <= now - self._evaluated_at
+        stop, checkpoint_time, eval_time = any_rank(self.accelerator, self._stop_signal is not None,
+                                                    checkpoint_time, eval_time)
         if stop and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM
-        return stop
+        return stop, checkpoint_time, eval_time
 
     def checkpoint(self) -> None:
         """Save a checkpoint of the current step, once (all ranks must call it).
 
         Accelerate saves registered objects from the main process only, so the ranks' running loss
-        sums are first folded into the epoch sums every rank holds alike.
+        sums are first folded into the epoch sums every rank holds alike. The minutes until the next
+        checkpoint by `checkpoint_every_minutes` count from here. A failed background write of the
+        previous checkpoint closes the session and raises TrainingError naming its folder.
         """
         if self._last_checkpoint_step == self.state.step:
             return
         self._fold_epoch_sums()
-        self.checkpoints.save(self.state.step, {"world_size": self.world_size,
-                                                "batch_size_per_rank": self.batch_size_per_rank})
+        try:
+            self.checkpoints.save(self.state.step, {"world_size": self.world_size,
+                                                    "batch_size_per_rank": self.batch_size_per_rank})
+        except CheckpointError as err:
+            self.close()
+            raise TrainingError(str(err)) from None
         self._last_checkpoint_step = self.state.step
+        self._checkpointed_at = clock()
 
     def close(self) -> None:
-        """Close the progress bar and the metrics, release the stage folder, and give the stop signals
-        back to whatever handled them before (a stage run inside a longer-lived process)."""
+        """Wait for the checkpoint write in flight, close the progress bar and the metrics, release
+        the stage folder, and give the stop signals back to whatever handled them before (a stage
+        run inside a longer-lived process). Raises TrainingError, once all that is done, when the
+        last checkpoint could not be written (naming its folder; the previous one stays the latest)."""
+        try:
+            self.checkpoints.wait()
+        except CheckpointError as err:
+            failure = str(err)
+        else:
+            failure = None
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
@@ -477,11 +503,18 @@ class TrainingSession:
             self._bar = None
         self.logger.close()
         self._lock.release()
+        if failure is not None:
+            raise TrainingError(failure)
 
     def finish(self) -> None:
         """Final checkpoint (if the last step has none yet) and close."""
         self.checkpoint()
         self.close()
+
+
+def _every(step: int, steps: int) -> bool:
+    """Whether `step` is on a cadence of `steps` steps (0: off)."""
+    return steps > 0 and step % steps == 0
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

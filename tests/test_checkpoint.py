@@ -1,15 +1,18 @@
-"""Checkpoints: manifests, fallback to the newest intact checkpoint, damaged ones kept aside, umask."""
+"""Checkpoints: manifests, fallback to the newest intact checkpoint, damaged ones kept aside, umask,
+the background writer (consistent snapshot, failures, the same files as a synchronous save)."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import threading
 
 import pytest
 import torch
 from accelerate import Accelerator
 
+from hybridgan import checkpoint
 from hybridgan.checkpoint import CheckpointError, CheckpointManager, verify_manifest
 from hybridgan.config import load_config
 from hybridgan.exports import save_export
@@ -27,6 +30,7 @@ def saved(tmp_path):
         with torch.no_grad():
             model.weight.fill_(step)
         manager.save(step, {"world_size": 1, "batch_size_per_rank": 8})
+    manager.wait()
     return manager, model
 
 
@@ -112,7 +116,9 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path):
         accelerator = Accelerator(cpu=True)
         model = torch.nn.Linear(4, 2)
         model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
-        checkpoint = CheckpointManager(accelerator, tmp_path, keep=1).save(1, {})
+        manager = CheckpointManager(accelerator, tmp_path, keep=1)
+        checkpoint = manager.save(1, {})
+        manager.wait()
         export = save_export(model.state_dict(), tmp_path / "generator.safetensors", load_config(), "generator")
     finally:
         os.umask(old)
@@ -120,3 +126,69 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path):
     assert modes["model.safetensors"] == 0o640 and modes["generator.safetensors"] == 0o640
     assert set(modes.values()) == {0o640}
     assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o750
+
+
+def test_save_returns_while_the_writer_runs_and_the_checkpoint_holds_the_state_of_the_save(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+    manager = CheckpointManager(accelerator, tmp_path, keep=3)
+    release = threading.Event()
+    honest = checkpoint.write_snapshot
+
+    def held_writer(snapshot, folder):
+        release.wait(timeout=30)
+        honest(snapshot, folder)
+
+    monkeypatch.setattr(checkpoint, "write_snapshot", held_writer)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    path = manager.save(1, {})
+    assert not path.exists() and not (manager.dir / "latest").exists()  # the writer has not written yet
+    with torch.no_grad():
+        model.weight.fill_(99.0)  # the next steps change the model while the writer waits
+    release.set()
+    manager.wait()
+    assert (manager.dir / "latest").read_text() == "step-00000001" and verify_manifest(path) is None
+    assert _resume(manager, model) == ("step-00000001", [], 1.0)
+
+
+def test_a_failed_background_write_is_one_line_at_the_next_save_and_the_previous_checkpoint_stays_latest(
+        saved, monkeypatch):
+    manager, model = saved
+
+    def failing_writer(snapshot, folder):
+        (folder / "model.safetensors").write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_snapshot", failing_writer)
+    manager.save(9, {})
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError) as err:
+        manager.save(12, {})  # the next save waits for the failed one, and says so before writing
+    message = str(err.value)
+    assert "\n" not in message and ".partial-step-00000009: writing the checkpoint failed" in message
+    assert "No space left on device" in message and "previous checkpoint stays the latest" in message
+    assert (manager.dir / "latest").read_text() == "step-00000006"
+    assert _resume(manager, model) == ("step-00000006", [], 6.0)
+    manager.save(12, {})
+    manager.wait()
+    assert [p.name for p in manager.dir.iterdir() if p.name.startswith(".partial")] == []
+    assert (manager.dir / "latest").read_text() == "step-00000012"
+
+
+def test_background_and_synchronous_saves_write_the_same_files(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()
+    manifests = []
+    for background in (True, False):
+        manager = CheckpointManager(accelerator, tmp_path / str(background), keep=1, background=background)
+        path = manager.save(1, {})
+        manager.wait()
+        manifests.append(json.loads((path / "manifest.json").read_text())["files"])
+    assert manifests[0] == manifests[1]
+    assert {entry["name"] for entry in manifests[0]} == {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}

@@ -22,6 +22,9 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 def test_shipped_configs_load():
     paper = load_config(REPO / "configs/paper.yaml")
     assert paper.data.image_size == 128 and paper.mask.hole_size == 64 and paper.loss.alpha == 0.999
+    for stage in (paper.pretrain, paper.train):  # saved by time, in the background, whatever the device's speed
+        assert (stage.checkpoint_every, stage.checkpoint_every_minutes, stage.checkpoint_async) == (0, 15, True)
+    assert (paper.train.eval_every, paper.train.eval_every_minutes) == (0, 15)
     smoke = load_config(REPO / "configs/smoke-cpu.yaml")
     assert smoke.data.source.startswith("synthetic:") and smoke.train.cpu is True
 
@@ -79,6 +82,8 @@ def test_dotted_override_changes_value():
     ("train.lr_scaling=cubic", "train.lr_scaling"),
     ("pretrain.reference_batch_size=0", "pretrain.reference_batch_size"),
     ("train.grad_clip=-1.0", "train.grad_clip"),
+    ("train.checkpoint_every_minutes=-0.5", "train.checkpoint_every_minutes"),
+    ("pretrain.eval_every_minutes=-1", "pretrain.eval_every_minutes"),
 ])
 def test_out_of_range_value_names_key_and_value(override, key):
     with pytest.raises(ConfigError) as err:

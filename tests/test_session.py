@@ -1,24 +1,32 @@
 """The training session: stage-folder lock, read-only folders, config on resume, resume without a
-pointer, SIGINT, global batch on 1 and 2 ranks and resume onto another world size."""
+pointer, SIGINT, global batch on 1 and 2 ranks and resume onto another world size, the cadence in
+minutes (one and two ranks), checkpoints written in the background."""
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+import hybridgan.session
 from conftest import tiny_args, tiny_config
+from hybridgan import checkpoint
+from hybridgan.checkpoint import verify_manifest
 from hybridgan.config import load_config, scaled_lr
 from hybridgan.pretrain import pretrain
 from hybridgan.session import EXIT_REQUEUE, TrainingError, TrainingSession, build_adam
+from hybridgan.train import GanTraining, train
 from stage_runs import (REPO, accelerate_2_ranks, kill_after_checkpoint, latest_step, launches, read_records,
-                        run_stage, stage_env)
+                        run_stage, stage_env, wait_for)
 
 SHORT = ["pretrain.max_steps=4", "pretrain.checkpoint_every=2", "pretrain.eval_batches=0"]
 
@@ -169,3 +177,127 @@ def test_one_image_per_rank_is_refused_naming_the_batch_before_anything_is_writt
         TrainingSession(cfg, "pretrain", cfg.pretrain)
     assert "pretrain.batch_size=1 (the global batch) on world size 1 leaves 1 image per rank" in str(err.value)
     assert not (tmp_path / "t").exists()
+
+
+def _checkpoint_steps(stage: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (stage / "checkpoints").glob("step-*"))
+
+
+def test_checkpoints_and_evaluations_come_at_the_steps_the_minutes_say(tiny_shards, tmp_path, monkeypatch):
+    """A fake clock: 20 s per training step. Checkpoints every 4 steps or every minute, evaluation
+    every 3 steps or every half minute; a step-based checkpoint or evaluation restarts its minutes."""
+    now = [0.0]
+    honest_step, honest_validate = GanTraining.step, GanTraining.validate
+    evaluated: list[int] = []
+
+    def step(self, batch):
+        now[0] += 20.0
+        return honest_step(self, batch)
+
+    def validate(self):
+        evaluated.append(self.session.state.step)
+        return honest_validate(self)
+
+    monkeypatch.setattr(hybridgan.session, "clock", lambda: now[0])
+    monkeypatch.setattr(GanTraining, "step", step)
+    monkeypatch.setattr(GanTraining, "validate", validate)
+    train(tiny_config(tiny_shards, tmp_path, "discriminator.from_scratch=true", "train.max_steps=8",
+                      "train.checkpoint_every=4", "train.checkpoint_every_minutes=1", "train.eval_every=3",
+                      "train.eval_every_minutes=0.5", "train.keep_checkpoints=10"))
+    # checkpoints: 3 (60 s), 4 (every 4 steps, restarts the minute), 7 (60 s after step 4), 8 (the epoch's end)
+    assert _checkpoint_steps(tmp_path / "t" / "train-hybrid") == [3, 4, 7, 8]
+    # evaluations: 2 (40 s), 3 (every 3 steps), 5 (40 s after step 3), 6, 8 (40 s after 6, and the epoch's end)
+    assert sorted(set(evaluated)) == [2, 3, 5, 6, 8]
+
+
+@pytest.mark.slow
+def test_two_ranks_checkpoint_the_same_step_when_only_rank_0s_clock_says_it_is_due(tiny_shards, tmp_path):
+    """Rank 0's fake clock runs 20 s per step, rank 1's stands still; the ranks agree at log steps
+    (every 2), so the minute comes due at step 4 for both (`checkpoint_every=0`: not by steps)."""
+    args = tiny_args(tiny_shards, tmp_path, "pretrain.max_steps=8", "pretrain.checkpoint_every=0",
+                     "pretrain.checkpoint_every_minutes=1", "pretrain.eval_batches=0")
+    result = subprocess.run([*accelerate_2_ranks(), str(REPO / "tests" / "clock_on_rank0.py"), *args], cwd=REPO,
+                            env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = tmp_path / "t" / "pretrain"
+    assert [record["world_size"] for record in launches(stage)] == [2]
+    assert _checkpoint_steps(stage) == [4, 8]
+    step_4 = stage / "checkpoints" / "step-00000004"
+    manifest = json.loads((step_4 / "manifest.json").read_text())
+    names = {entry["name"] for entry in manifest["files"]}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= names  # both ranks saved step 4
+    assert manifest["saved_with"]["world_size"] == 2
+
+
+def test_the_step_goes_on_while_the_checkpoint_is_written_and_finish_waits_for_it(tiny_shards, tmp_path, monkeypatch):
+    """The writer of each checkpoint waits (up to 30 s) until the session's checkpoint call has
+    returned: a save that waited for its writer would show up as a write before the return."""
+    events: list[tuple[str, int]] = []
+    returned: dict[int, threading.Event] = collections.defaultdict(threading.Event)
+    honest_writer, honest_checkpoint = checkpoint.write_snapshot, TrainingSession.checkpoint
+
+    def held_writer(snapshot, folder):
+        step = int(folder.name.split("-")[-1])
+        returned[step].wait(timeout=30)
+        honest_writer(snapshot, folder)
+        events.append(("written", step))
+
+    def checkpoint_call(self):
+        honest_checkpoint(self)
+        events.append(("returned", self.state.step))
+        returned[self.state.step].set()
+
+    monkeypatch.setattr(checkpoint, "write_snapshot", held_writer)
+    monkeypatch.setattr(TrainingSession, "checkpoint", checkpoint_call)
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT))
+    stage = tmp_path / "t" / "pretrain"
+    # the last step's checkpoint, then finish()'s call (nothing left to save), and finish() waited for the write
+    assert events == [("returned", 2), ("written", 2), ("returned", 4), ("returned", 4), ("written", 4)]
+    assert latest_step(stage) == 4 and verify_manifest(stage / "checkpoints" / "step-00000004") is None
+
+
+def test_a_failed_background_write_stops_the_run_naming_it_and_a_rerun_resumes_from_the_previous(
+        tiny_shards, tmp_path, monkeypatch, capsys):
+    honest_writer = checkpoint.write_snapshot
+
+    def writer_failing_at_step_4(snapshot, folder):
+        if folder.name.endswith("-00000004"):
+            raise OSError(28, "No space left on device")
+        honest_writer(snapshot, folder)
+
+    monkeypatch.setattr(checkpoint, "write_snapshot", writer_failing_at_step_4)
+    with pytest.raises(TrainingError) as err:
+        pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
+    stage = tmp_path / "t" / "pretrain"
+    assert f"{stage}/checkpoints/.partial-step-00000004: writing the checkpoint failed" in str(err.value)
+    assert latest_step(stage) == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
+    assert "from step-00000002 (step 2)" in capsys.readouterr().out
+    assert latest_step(stage) == 6
+
+
+def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_latest_and_resumable(
+        tiny_shards, tmp_path, capsys):
+    args = tiny_args(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6")
+    stage = tmp_path / "t" / "pretrain"
+    partial = stage / "checkpoints" / ".partial-step-00000004"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "held_writer.py"), *args], cwd=REPO,
+                            env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (partial / "model.safetensors").is_file() or proc.poll() is not None, 120,
+                 "the held write of step 4")
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert latest_step(stage) == 2 and not (partial / "manifest.json").exists()
+    assert _checkpoint_steps(stage) == [2]
+    capsys.readouterr()
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
+    assert "from step-00000002 (step 2)" in capsys.readouterr().out
+    assert latest_step(stage) == 6 and not partial.exists()
