@@ -66,6 +66,9 @@ RESCHEDULABLE = ("log_every", "checkpoint_every", "checkpoint_every_minutes", "c
                  "eval_every_minutes", "eval_batches", "keep_checkpoints", "compile", "channels_last", "cpu")
 """Stage keys that a resume may change: they schedule the run without changing what it computes."""
 
+RESCHEDULABLE_DATA = ("data.workers", "data.resident")
+"""Data keys that a resume may change: how the same batches are made, not which."""
+
 LENGTHS = ("epochs", "max_steps")
 """Stage keys that a resume may raise (a longer run), never lower."""
 
@@ -218,15 +221,17 @@ class TrainingSession:
     def _write_config(self) -> None:
         """Every rank compares with the folder's config (so that all of them stop on a mismatch;
         the other stage's and evaluation's settings do not count). Keys that change the experiment
-        are refused by name; scheduling keys (`RESCHEDULABLE`, `data.workers`) and a longer run
+        are refused by name; scheduling keys (`RESCHEDULABLE`, `RESCHEDULABLE_DATA`) and a longer run
         (`LENGTHS` raised) are accepted, printed once and written into the folder's config. The main
-        process writes the config when the folder has none."""
+        process writes the config when the folder has none. A key the folder's config lacks (it was
+        written by a version without that key) reads as the key's default, which is what that
+        version did."""
         path = self.dir / "config.yaml"
         if not path.is_file():
             if self.is_main:
                 save_config(self.cfg, path)
             return
-        old = OmegaConf.create(path.read_text())
+        old = OmegaConf.merge(OmegaConf.create(to_yaml(Config())), OmegaConf.create(path.read_text()))
         new = OmegaConf.create(to_yaml(self.cfg))
         other_stages = ("eval.", "train." if self.stage_key == "pretrain" else "pretrain.")
         changed = [key for key in _changed_keys(OmegaConf.to_container(old), OmegaConf.to_container(new))
@@ -251,7 +256,7 @@ class TrainingSession:
     def _may_change_on_resume(self, key: str, old: Any, new: Any) -> bool:
         """Whether `key` may go from `old` to `new` on resume (see `_write_config`)."""
         stage, _, name = key.partition(".")
-        if key == "data.workers" or (stage == self.stage_key and name in RESCHEDULABLE):
+        if key in RESCHEDULABLE_DATA or (stage == self.stage_key and name in RESCHEDULABLE):
             return True
         if stage != self.stage_key or name not in LENGTHS:
             return False

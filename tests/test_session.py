@@ -96,6 +96,22 @@ def test_resume_accepts_scheduling_and_a_longer_run_and_refuses_the_rest_by_name
     assert latest_step(stage) == 6
 
 
+def test_resume_of_a_folder_written_before_a_key_existed_reads_it_as_its_default(tiny_shards, tmp_path, capsys):
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT))
+    path = tmp_path / "t" / "pretrain" / "config.yaml"
+    older = OmegaConf.load(path)
+    del older.data["resident"], older.pretrain["checkpoint_every_minutes"], older.discriminator["pathak_input"]
+    path.write_text(OmegaConf.to_yaml(older))
+    capsys.readouterr()
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6", "data.resident=true"))
+    out = capsys.readouterr().out
+    assert "data.resident False -> True" in out and "checkpoint_every_minutes" not in out
+    saved = OmegaConf.load(path)
+    assert saved.data.resident is True and saved.pretrain.checkpoint_every_minutes == 0
+    assert saved.discriminator.pathak_input == "hole"
+    assert latest_step(tmp_path / "t" / "pretrain") == 6
+
+
 def test_resume_without_the_latest_pointer_keeps_every_logged_record(tiny_shards, tmp_path, capsys):
     pretrain(tiny_config(tiny_shards, tmp_path, *SHORT))
     stage = tmp_path / "t" / "pretrain"
