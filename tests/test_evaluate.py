@@ -142,7 +142,9 @@ def test_two_ranks_give_the_single_process_numbers(evaluated, tiny_shards, tmp_p
     double = json.loads((tmp_path / "eval.json").read_text())
     for one, two in zip(single["runs"], double["runs"]):
         assert (one["name"], one["n"]) == (two["name"], two["n"])
-        assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-5)
+        # abs: a metric whose mean is near 0 (an untrained model's `detail`, a ratio of sums of signed
+        # products) moves by float32 rounding (1e-8) when the batches are cut differently
+        assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-5, abs=1e-6)
 
 
 def test_a_centre_hole_generator_is_not_evaluated_on_other_holes(tiny_shards, tmp_path, capsys):
