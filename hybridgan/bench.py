@@ -18,7 +18,7 @@ the device (as the loader's batches, normalised by the step): the step's compute
 shards` reads `data.shards` with the real loader. `all`: the loader at `data.workers`, then
 pretrain, then train, into one JSON. The JSON records the glibc `MALLOC_*` settings of the
 environment (`malloc_env`) and whether the process keeps freed memory (`keeps_freed_memory`: the
-CPU train stage sets it, `hybridgan.host_memory`). Each stage also measures the machine in the same
+CPU training session sets it, `hybridgan.host_memory`). Each stage also measures the machine in the same
 process, right before and after its timed steps (`machine_rates`: matmul and 3x3 convolution
 GFLOP/s, fp32 and bf16), and gives its GFLOP/s as a fraction of the best matmul rate.
 

@@ -50,6 +50,7 @@ from hybridgan.checkpoint import CheckpointError, CheckpointManager, any_rank
 from hybridgan.config import (Config, StageConfig, add_config_arguments, config_from_args, save_config, scaled_lr,
                               to_yaml)
 from hybridgan.devices import resolve_mixed_precision, use_channels_last
+from hybridgan.host_memory import keep_freed_memory
 from hybridgan.lock import StageBusyError, StageLock
 from hybridgan.tracking import MetricsLogger
 
@@ -132,6 +133,8 @@ class TrainingSession:
             raise TrainingError(f"{self.stage_key}.batch_size={stage_cfg.batch_size} (the global batch) on world size "
                                 f"{self.world_size} leaves {self.batch_size_per_rank} image per rank; BatchNorm needs "
                                 f"at least {MIN_BATCH_PER_RANK}: raise the batch (docs/scaling.md) or use fewer ranks")
+        if self.device.type == "cpu":  # every step allocates the same large gradients (hybridgan.host_memory)
+            keep_freed_memory()
         set_seed(cfg.run.seed, device_specific=False)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)

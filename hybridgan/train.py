@@ -25,7 +25,6 @@ from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.exports import ExportError, load_export, save_export
-from hybridgan.host_memory import keep_freed_memory
 from hybridgan.losses import discriminator_joint_loss, generator_joint_loss
 from hybridgan.metrics import HoleMetrics, hole_metrics
 from hybridgan.models import build_discriminator, build_generator
@@ -88,16 +87,11 @@ class GanTraining:
     judging the real and the fake batch in two forwards of the same size (BatchNorm never sees a
     mixed batch); the G phase lets the updated D judge the same fake batch the same way (train mode,
     batch statistics) without changing D, and back-propagates into G's one forward.
-
-    On the CPU, glibc is told to keep freed memory for reuse (`hybridgan.host_memory`): each step
-    allocates the same large gradients, which it would otherwise map and page-fault in afresh.
     """
 
     def __init__(self, cfg: Config, session: TrainingSession) -> None:
         self.cfg = cfg
         self.session = session
-        if session.device.type == "cpu":
-            keep_freed_memory()
         gen = build_generator(cfg)
         disc = build_discriminator(cfg)
         if cfg.discriminator.kind == "hybrid" and not cfg.discriminator.from_scratch:

@@ -12,7 +12,6 @@ import pytest
 from conftest import REPO, tiny_config
 from hybridgan import host_memory
 from hybridgan.session import TrainingSession
-from hybridgan.train import GanTraining
 
 # In a fresh process (the setting is process-wide): where a freed 64 MiB block lives, before and after.
 PROBE = """
@@ -56,9 +55,11 @@ def test_keep_freed_memory_changes_nothing_on_another_c_library(monkeypatch):
     assert host_memory.keep_freed_memory() is False
 
 
-def test_cpu_gan_training_keeps_freed_memory(tiny_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["pretrain", "train"])
+def test_cpu_training_stages_keep_freed_memory(tiny_shards, tmp_path, monkeypatch, stage):
     calls = []
-    monkeypatch.setattr("hybridgan.train.keep_freed_memory", lambda: calls.append(True) or True)
-    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak")
-    job = GanTraining(cfg, TrainingSession(cfg, "train-pathak", cfg.train))
-    assert job.session.device.type == "cpu" and calls == [True]
+    monkeypatch.setattr("hybridgan.session.keep_freed_memory", lambda: calls.append(True) or True)
+    cfg = tiny_config(tiny_shards, tmp_path)
+    session = TrainingSession(cfg, stage, getattr(cfg, stage))
+    session.close()
+    assert session.device.type == "cpu" and calls == [True]
