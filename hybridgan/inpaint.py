@@ -183,9 +183,10 @@ def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 def _check_generator_reach(model: ContextEncoder, small_mask: torch.Tensor, name: str) -> None:
     """A centre-hole generator predicts only its central square; a hole outside it cannot be filled."""
-    if model.output_size == model.image_size:
+    window = model.hole_window
+    if window is None:
         return
-    top, left, hole = center_box(model.image_size, model.hole_size)
+    top, left, hole = window
     inside = small_mask[..., top:top + hole, left:left + hole].sum()
     if small_mask.sum() > inside:
         raise InpaintError(

@@ -170,11 +170,11 @@ class ContextEncoder(nn.Module):
 
     def to_canvas(self, prediction: Tensor) -> Tensor:
         """The prediction on an image-sized canvas: a hole-sized one pasted into the centre, zeros around."""
-        if prediction.shape[-1] == self.image_size:
+        window = self.hole_window
+        if window is None:
             return prediction
-        top = (self.image_size - self.hole_size) // 2
-        pad = (top, self.image_size - self.hole_size - top) * 2
-        return nn.functional.pad(prediction, pad)
+        top, left, size = window
+        return nn.functional.pad(prediction, (left, self.image_size - size - left, top, self.image_size - size - top))
 
     def forward(self, masked: Tensor, mask: Tensor) -> Tensor:
         """mask * prediction + (1 - mask) * masked: [B, 3, S, S], the known pixels kept exactly.
