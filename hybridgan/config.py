@@ -74,6 +74,7 @@ class BlurConfig:
     """Pretraining blur, in the 256x256 source frame."""
 
     top_left: int = 80
+    random_position: bool = False  # true: the square anywhere in the frame instead of at (top_left, top_left)
     min_side: int = 64
     max_side: int = 80
     min_variance: float = 5.0
@@ -96,6 +97,7 @@ class DiscriminatorConfig:
     resnet_weights: str = ""
     pretrained: str = ""
     from_scratch: bool = False
+    min_pretrain_accuracy: float = 0.6  # GAN training refuses a pretraining export whose recorded held-out accuracy is below this (chance is 0.5)
     pathak_channels: int = 64
     pathak_input: str = "hole"
 
@@ -112,6 +114,13 @@ class LossConfig:
     pixel_weight: float = 0.5
     overlap: int = 4  # width (px) of the band along the hole's inner border whose L2 weighs overlap_weight (0: off; docs/quality.md)
     overlap_weight: float = 10.0  # Pathak's overlapL2Weight
+    adversarial: str = "sigmoid_l2"  # lsgan|sigmoid_l2|bce|hinge: how eq. 2/4/5 compare D's score with 0/1 (hybridgan.losses); the configs set the measured choice
+    beta_mode: str = "fixed"  # fixed: beta as given; adaptive: beta found at every step (hybridgan.balance)
+    adaptive_scale: float = 0.1  # adaptive: the adversarial gradient's norm at G's last layer as this fraction of alpha times the pixel gradient's
+    beta_min: float = 0.0  # adaptive: bounds of the found beta
+    beta_max: float = 1.0
+    adversarial_warmup: int = 0  # steps over which beta ramps linearly from 0 (both modes); D learns from step 1
+    blur_objective: str = "sigmoid_l2"  # the pretraining loss's objective (same choices as adversarial)
 
 
 @dataclass
@@ -134,6 +143,7 @@ class StageConfig:
     batch_size: int = 16
     lr: float = 8e-4
     lr_scaling: str = "none"
+    warmup_steps: int = 0  # the learning rate ramps linearly from 0 over these steps
     reference_batch_size: int = 16
     grad_clip: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
@@ -181,7 +191,10 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mask.kind": ("center", "random_box", "strokes"),
-    "discriminator.kind": ("hybrid", "pathak"),
+    "discriminator.kind": ("hybrid", "pathak", "none"),
+    "loss.adversarial": ("lsgan", "sigmoid_l2", "bce", "hinge"),
+    "loss.blur_objective": ("lsgan", "sigmoid_l2", "bce", "hinge"),
+    "loss.beta_mode": ("fixed", "adaptive"),
     "discriminator.pathak_input": ("hole", "frame"),
     "generator.upsample": ("transposed", "resize"),
     "pretrain.mixed_precision": ("no", "fp16", "bf16", "auto"),
@@ -208,7 +221,8 @@ _NON_NEGATIVE = (
     "generator.seam_blend", "pretrain.grad_clip", "train.grad_clip",
     "pretrain.checkpoint_every", "train.checkpoint_every", "pretrain.checkpoint_every_minutes",
     "train.checkpoint_every_minutes", "pretrain.eval_every_minutes",
-    "train.eval_every_minutes",
+    "train.eval_every_minutes", "loss.adaptive_scale", "loss.beta_min", "loss.adversarial_warmup",
+    "pretrain.warmup_steps", "train.warmup_steps",
 )
 
 
@@ -258,6 +272,9 @@ def _check_ranges(cfg: Config) -> None:
          f"plus blur.top_left must fit in pack.source_size={cfg.pack.source_size}"),
         ("blur.max_variance", cfg.blur.min_variance <= cfg.blur.max_variance,
          "must be >= blur.min_variance"),
+        ("loss.beta_max", cfg.loss.beta_min <= cfg.loss.beta_max, "must be >= loss.beta_min"),
+        ("discriminator.min_pretrain_accuracy", 0 <= cfg.discriminator.min_pretrain_accuracy <= 1,
+         "must be in [0, 1]"),
         ("pretrain.betas", len(cfg.pretrain.betas) == 2 and all(0 <= b < 1 for b in cfg.pretrain.betas),
          "must be two numbers in [0, 1)"),
         ("train.betas", len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas),

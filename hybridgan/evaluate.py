@@ -20,7 +20,11 @@ next to the first RUN's stage folder):
   and, when the RUNs include a hybrid-D and a Pathak-D generator (the first of each), `comparison`:
   the paired difference (hybrid - Pathak) of every metric over the same faces with a seeded
   bootstrap 95 % interval, and `verdict`, one sentence on whether the hybrid is sharper at equal
-  PSNR (`report.sharper_at_equal_psnr` states the rule);
+  PSNR (`report.sharper_at_equal_psnr` states the rule); `comparisons`: every pair of Pathak - none,
+  hybrid - none, hybrid - Pathak whose kinds are evaluated, with the paired differences (and of
+  `hf_gap`, the distance of the fill's high-frequency energy from the original's) and the outcome of
+  `report.sharper_than`; `answers`: in words, does any discriminator beat none, does the hybrid
+  beat Pathak's;
 - `eval.md`: the same as Markdown tables and the verdict;
 - `figure.png` (the paper's Figure 2): per test face a row original | masked | RUN 1 | RUN 2 | ... |
   OpenCV Telea, each cell the face above a zoomed crop of its hole (the eyes and nose of an aligned
@@ -59,8 +63,8 @@ from hybridgan.inpaint import InpaintError, expand_photos, load_generator, resol
 from hybridgan.metrics import METRICS, PSNR_CEILING, hole_box, hole_metrics, mean_fill
 from hybridgan.models import ContextEncoder
 from hybridgan.report import (
-    ReportError, differences_markdown, image_grid, loss_curves_png, markdown_table, paired_differences,
-    read_metrics, sharper_at_equal_psnr, to_uint8,
+    ReportError, differences_markdown, hf_gap, image_grid, loss_curves_png, markdown_table, paired_differences,
+    read_metrics, sharper_at_equal_psnr, sharper_than, to_uint8,
 )
 
 BASELINE = "mean-colour fill"
@@ -252,8 +256,56 @@ def comparison(runs: list[Run], rows: list[Row], seed: int) -> dict[str, Any] | 
             "verdict": sharper_at_equal_psnr(diffs)}
 
 
+PAIRS = (("pathak", "none"), ("hybrid", "none"), ("hybrid", "pathak"))  # (first, second) by D kind
+
+
+def pairwise(runs: list[Run], rows: list[Row], summary: dict[str, dict[str, float]], seed: int) -> list[dict[str, Any]]:
+    """For each pair of PAIRS whose kinds are both evaluated (the first run of each kind): the paired
+    differences of every compared metric and of `hf_gap`, and `report.sharper_than`'s outcome."""
+    kinds = {run.cfg.discriminator.kind: run for run in reversed(runs)}
+    out = []
+    for first_kind, second_kind in PAIRS:
+        if first_kind not in kinds or second_kind not in kinds:
+            continue
+        first, second = kinds[first_kind], kinds[second_kind]
+        a, b = per_face(rows, first.name), per_face(rows, second.name)
+        a["hf_gap"], b["hf_gap"] = hf_gap(a["sharpness"]), hf_gap(b["sharpness"])
+        names = [*COMPARED, "hf_gap"]
+        diffs = paired_differences({m: a[m] for m in names}, {m: b[m] for m in names}, seed)
+        outcome, sentence = sharper_than(diffs, summary[first.name], first.name, second.name)
+        out.append({"first": first.name, "second": second.name, "first_kind": first_kind,
+                    "second_kind": second_kind, "seed": seed, "differences": diffs, "outcome": outcome,
+                    "verdict": sentence})
+    return out
+
+
+def answers(compared: list[dict[str, Any]]) -> dict[str, str]:
+    """The two questions the evaluation exists for, answered in words from `pairwise`'s outcomes."""
+    by_kinds = {(c["first_kind"], c["second_kind"]): c for c in compared}
+    against_none = [c for c in compared if c["second_kind"] == "none"]
+    out = {}
+    if against_none:
+        sharper = [c["first"] for c in against_none if c["outcome"] == "sharper"]
+        inert = [c["first"] for c in against_none if c["outcome"] == "no different"]
+        words = [f"yes: {', '.join(sharper)} fills sharper than no discriminator" if sharper
+                 else "no: no discriminator made the fill sharper than no discriminator"]
+        if inert:
+            words.append(f"{', '.join(inert)}: the discriminator did not move G beyond the no-D baseline")
+        out["does any discriminator beat no discriminator?"] = "; ".join(words) + "."
+    if ("hybrid", "pathak") in by_kinds:
+        outcome = by_kinds[("hybrid", "pathak")]["outcome"]
+        out["does the hybrid beat Pathak's?"] = {
+            "sharper": "yes: the hybrid fill is sharper than Pathak's.",
+            "sharper with artefacts": "no: the hybrid fill has more high frequencies than Pathak's, with artefacts.",
+            "blurrier": "no: the hybrid fill is blurrier than Pathak's.",
+            "no different": "no: the hybrid fill is neither sharper nor blurrier than Pathak's.",
+        }[outcome]
+    return out
+
+
 def results_json(runs: list[Run], summary: dict[str, dict[str, float]], split: str, cfg: Config,
-                 compared: dict[str, Any] | None = None, photos: Path | None = None) -> dict[str, Any]:
+                 compared: dict[str, Any] | None = None, photos: Path | None = None,
+                 pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     rows = [{"name": run.name, "path": str(run.path), "discriminator": run.cfg.discriminator.kind,
              "metrics": {m: summary[run.name][m] for m in METRICS}, "n": summary[run.name]["n"]} for run in runs]
     rows += [{"name": name, "path": None, "discriminator": None,
@@ -261,7 +313,8 @@ def results_json(runs: list[Run], summary: dict[str, dict[str, float]], split: s
     return {"split": f"photos:{photos}" if photos else split, "shards": None if photos else cfg.data.shards,
             "image_size": cfg.data.image_size,
             "mask": {"kind": cfg.mask.kind, "hole_size": cfg.mask.hole_size, "seed": cfg.run.seed},
-            "psnr_ceiling_db": PSNR_CEILING, "runs": rows, "comparison": compared}
+            "psnr_ceiling_db": PSNR_CEILING, "runs": rows, "comparison": compared,
+            "comparisons": pairs or [], "answers": answers(pairs or [])}
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -284,6 +337,12 @@ def results_markdown(results: dict[str, Any]) -> str:
             "hole's mean RGB (grey levels); saturation shift: fill minus original (HSV, 0-1). "
             f"PSNR of an exact fill is capped at {PSNR_CEILING:.0f} dB.\n")
     text = markdown_table(headers, table) + note
+    if results.get("answers"):
+        text += "\n" + "\n".join(f"- **{question}** {answer}" for question, answer in results["answers"].items()) + "\n"
+    for pair in results.get("comparisons", []):
+        text += (f"\n{pair['first']} - {pair['second']} over the same faces (bootstrap seed {pair['seed']}):\n\n"
+                 + differences_markdown(pair["differences"], pair["first"], pair["second"])
+                 + f"\n{pair['verdict']}\n")
     compared = results.get("comparison")
     if compared:
         text += (f"\nPaired differences over the same faces ({compared['first']} - {compared['second']}, "
@@ -396,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = accelerator.gather_for_metrics(collector.rows, use_gather_object=True)
     if accelerator.is_main_process:
         summary = summarise(rows, [run.name for run in runs] + list(BASELINES))
-        results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed), args.photos)
+        results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed), args.photos,
+                               pairwise(runs, rows, summary, cfg.run.seed))
         out = args.out or runs[0].stage_dir.parent / "eval"
         write_outputs(out, runs, results, collector.figure)
         print(results_markdown(results))

@@ -2,7 +2,8 @@
 
 `discriminator.safetensors` (pretraining) and `generator.safetensors` (GAN training) are plain
 safetensors files; their metadata holds `config` (the run's resolved YAML) and `model` (which
-network), so a file alone is enough to rebuild the network that fits its weights.
+network), so a file alone is enough to rebuild the network that fits its weights, plus what the
+stage recorded about it (the discriminator's `test_accuracy`; `export_metadata` reads it).
 """
 
 from __future__ import annotations
@@ -26,18 +27,28 @@ class ExportError(ValueError):
     """A missing, unreadable or mismatched export; the message names the file."""
 
 
-def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, cfg: Config, model: str) -> Path:
-    """Write `state_dict` to `path` atomically, with `cfg` and the model name in the metadata."""
+def save_export(state_dict: dict[str, torch.Tensor], path: str | Path, cfg: Config, model: str,
+                recorded: dict[str, str] | None = None) -> Path:
+    """Write `state_dict` to `path` atomically, with `cfg`, the model name and `recorded` in the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # a torch.compile'd model's state dict names every tensor "_orig_mod.<name>"
     tensors = {key.removeprefix(COMPILED_PREFIX): value.detach().to("cpu").contiguous()
                for key, value in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"config": to_yaml(cfg), "model": model})
+    save_file(tensors, str(tmp), metadata={**(recorded or {}), "config": to_yaml(cfg), "model": model})
     follow_umask(tmp)  # safetensors writes mode 0600
     os.replace(tmp, path)
     return path
+
+
+def export_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an export (config, model and what its stage recorded); ExportError naming `path`."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def load_export(path: str | Path, model: str) -> tuple[dict[str, torch.Tensor], Config]:

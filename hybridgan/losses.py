@@ -2,9 +2,18 @@
 
 The paper writes every loss as ||target - x||_2^2; we take the MEAN of the squared error, not the
 sum: the paper's Table 2 values (gen_pixel_loss 0.19, gen_adv_loss 0.999 for a D that is sure every
-fake is fake) only make sense as means. A discriminator output is a `DiscOutput`; for the hybrid D
-both its outputs enter each loss, `cfg.global_weight * L(global_prob) + cfg.pixel_weight *
-L(pixel_prob)`; for Pathak's D (`pixel_prob is None`) the global term alone, with weight 1.
+fake is fake) only make sense as means. A discriminator output is a `DiscOutput` of raw scores; for
+the hybrid D both its outputs enter each loss, `cfg.global_weight * L(global) + cfg.pixel_weight *
+L(pixel)`; for Pathak's D (`pixel_score is None`) the global term alone, with weight 1.
+
+What "x" in eq. 2, 4 and 5 is, and so how a score is compared with its 0/1 target, is the
+adversarial objective (`loss.adversarial`; docs/quality.md measures them):
+- `lsgan`: (score - target)^2 on the raw score: eq. 2/4/5 read literally, Mao et al.'s LSGAN. Its
+  gradient grows with the distance to the target, so it never saturates.
+- `sigmoid_l2`: (sigmoid(score) - target)^2, the L2 of a probability. Its gradient,
+  -2 p (1 - p)^2 for a real target, vanishes once D is sure: a dead adversarial term.
+- `bce`: binary cross-entropy of the logit; G's side is the non-saturating -log D(G(z)).
+- `hinge`: D minimises relu(1 - s) on real and relu(1 + s) on fake targets, G minimises -s.
 Everything is computed in float32, also under autocast.
 """
 
@@ -17,6 +26,8 @@ from torch import Tensor
 
 from hybridgan.config import LossConfig
 from hybridgan.models import DiscOutput
+
+OBJECTIVES = ("lsgan", "sigmoid_l2", "bce", "hinge")
 
 
 class GeneratorLosses(NamedTuple):
@@ -31,18 +42,48 @@ class DiscriminatorLosses(NamedTuple):
     fake: Tensor  # eq. 5
 
 
-def _mse(x: Tensor, target: Tensor | float) -> Tensor:
-    target = target.float() if isinstance(target, Tensor) else target
-    return (x.float() - target).square().mean()
+def score_loss(score: Tensor, target: Tensor | float, objective: str, generator: bool = False) -> Tensor:
+    """Mean loss of raw scores against targets (1 real, 0 fake; a tensor broadcast to `score`).
+
+    `generator=True` is G's side, whose target is always "real": the same term for lsgan,
+    sigmoid_l2 and bce (non-saturating), -score for hinge.
+    """
+    score = score.float()
+    target = target.float().expand_as(score) if isinstance(target, Tensor) else score.new_full(score.shape, target)
+    if objective == "lsgan":
+        return (score - target).square().mean()
+    if objective == "sigmoid_l2":
+        return (score.sigmoid() - target).square().mean()
+    if objective == "bce":
+        return F.binary_cross_entropy_with_logits(score, target)
+    if objective == "hinge":
+        if generator:
+            return -score.mean()
+        return (target * F.relu(1.0 - score) + (1.0 - target) * F.relu(1.0 + score)).mean()
+    raise ValueError(f"adversarial objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
 
 
-def _weighted(d_out: DiscOutput, cfg: LossConfig, global_target: Tensor | float,
-              pixel_target: Tensor | float) -> Tensor:
-    """L2 of both outputs against their targets, mixed by the config's weights."""
-    global_term = _mse(d_out.global_prob, global_target)
-    if d_out.pixel_prob is None:
+def _weighted(d_out: DiscOutput, cfg: LossConfig, global_target: Tensor | float, pixel_target: Tensor | float,
+              objective: str, generator: bool = False) -> Tensor:
+    """The objective's loss of both outputs against their targets, mixed by the config's weights."""
+    global_term = score_loss(d_out.global_score, global_target, objective, generator)
+    if d_out.pixel_score is None:
         return global_term
-    return cfg.global_weight * global_term + cfg.pixel_weight * _mse(d_out.pixel_prob, pixel_target)
+    pixel_term = score_loss(d_out.pixel_score, pixel_target, objective, generator)
+    return cfg.global_weight * global_term + cfg.pixel_weight * pixel_term
+
+
+def d_output(scores: Tensor, objective: str) -> Tensor:
+    """D's output in the units its targets are in: the probability sigmoid(score) under sigmoid_l2
+    and bce, the raw score under lsgan and hinge (logged as d_real, d_fake)."""
+    return scores.float().sigmoid() if objective in ("sigmoid_l2", "bce") else scores.float()
+
+
+def decided_real(d_out: DiscOutput, objective: str) -> Tensor:
+    """Per image, whether D's global score says "real": above the midpoint of its two targets
+    (0.5 for lsgan, 0 for the logit objectives and hinge)."""
+    threshold = 0.5 if objective == "lsgan" else 0.0
+    return d_out.global_score.float() > threshold
 
 
 def pixel_loss(real: Tensor, fake: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -90,33 +131,40 @@ def weighted_pixel_loss(real: Tensor, fake: Tensor, weights: Tensor) -> Tensor:
 
 
 def adversarial_loss(d_fake: DiscOutput, cfg: LossConfig, hole_mask: Tensor | None = None) -> Tensor:
-    """Eq. 2, L_adv = ||Ones - D(G(Mask_Img))||_2^2: G wants D to call its images real everywhere.
+    """Eq. 2, L_adv = ||Ones - D(G(Mask_Img))||_2^2 under `cfg.adversarial`: G wants D to call its
+    images real everywhere.
 
     The target is all ones for both outputs, so `hole_mask` does not change it; it is accepted so
     that the generator and discriminator losses take the same arguments.
     """
-    return _weighted(d_fake, cfg, 1.0, 1.0)
+    return _weighted(d_fake, cfg, 1.0, 1.0, cfg.adversarial, generator=True)
+
+
+def trained_pixel_loss(real: Tensor, fake: Tensor, cfg: LossConfig, hole_mask: Tensor | None = None) -> Tensor:
+    """The L_pixel that G minimises: the border-weighted hole mean (`border_weights`) with
+    `cfg.overlap` > 0 and a hole mask, else `pixel_loss`."""
+    if hole_mask is not None and cfg.overlap > 0:
+        return weighted_pixel_loss(real, fake, border_weights(hole_mask, cfg.overlap, cfg.overlap_weight))
+    return pixel_loss(real, fake, hole_mask)
 
 
 def generator_joint_loss(real: Tensor, fake: Tensor, d_fake: DiscOutput, cfg: LossConfig,
                          hole_mask: Tensor | None = None) -> GeneratorLosses:
-    """Eq. 3, L_gen_joint = alpha * L_pixel + beta * L_adv (L_pixel over the hole when given).
+    """Eq. 3, L_gen_joint = alpha * L_pixel + beta * L_adv (L_pixel over the hole when given), with
+    the fixed `cfg.beta` (the adaptive beta is `hybridgan.balance`'s).
 
-    With `cfg.overlap` > 0 and a hole mask, the L_pixel inside the joint loss is the border-weighted
-    one (`border_weights`); `pixel` stays the plain hole mean, so Table 2's gen_pixel_loss keeps its
-    meaning whatever the weighting.
+    The L_pixel inside the joint loss is `trained_pixel_loss`; `pixel` stays the plain hole mean, so
+    Table 2's gen_pixel_loss keeps its meaning whatever the weighting.
     """
     pixel = pixel_loss(real, fake, hole_mask)
     adv = adversarial_loss(d_fake, cfg, hole_mask)
-    trained = pixel
-    if hole_mask is not None and cfg.overlap > 0:
-        trained = weighted_pixel_loss(real, fake, border_weights(hole_mask, cfg.overlap, cfg.overlap_weight))
+    trained = trained_pixel_loss(real, fake, cfg, hole_mask)
     return GeneratorLosses(cfg.alpha * trained + cfg.beta * adv, pixel, adv)
 
 
 def real_loss(d_real: DiscOutput, cfg: LossConfig) -> Tensor:
     """Eq. 4, L_real = ||Ones - D(Img)||_2^2: a real image is real as a whole and at every pixel."""
-    return _weighted(d_real, cfg, 1.0, 1.0)
+    return _weighted(d_real, cfg, 1.0, 1.0, cfg.adversarial)
 
 
 def fake_loss(d_fake: DiscOutput, cfg: LossConfig, hole_mask: Tensor) -> Tensor:
@@ -125,7 +173,7 @@ def fake_loss(d_fake: DiscOutput, cfg: LossConfig, hole_mask: Tensor) -> Tensor:
     The global target is 0. A composited fake is only fake inside the hole, so the per-pixel
     target is 0 inside the hole and 1 outside, `1 - hole_mask` (docs/paper.md).
     """
-    return _weighted(d_fake, cfg, 0.0, 1.0 - hole_mask.float())
+    return _weighted(d_fake, cfg, 0.0, 1.0 - hole_mask.float(), cfg.adversarial)
 
 
 def discriminator_joint_loss(d_real: DiscOutput, d_fake: DiscOutput, cfg: LossConfig,
@@ -137,6 +185,7 @@ def discriminator_joint_loss(d_real: DiscOutput, d_fake: DiscOutput, cfg: LossCo
 
 def blur_discriminator_loss(d_out: DiscOutput, is_real_global: Tensor, pixel_target: Tensor,
                             cfg: LossConfig) -> Tensor:
-    """Pretraining on blur (§2.3): L2 of global_prob against 1 (original) / 0 (blurred), and of
-    pixel_prob against `pixel_target` (0 inside the blurred square, 1 elsewhere), same weights."""
-    return _weighted(d_out, cfg, is_real_global.float(), pixel_target.float())
+    """Pretraining on blur (§2.3): the global score against 1 (original) / 0 (blurred), and the
+    per-pixel score against `pixel_target` (0 inside the blurred square, 1 elsewhere), same weights,
+    under the pretraining objective `cfg.blur_objective`."""
+    return _weighted(d_out, cfg, is_real_global.float(), pixel_target.float(), cfg.blur_objective)

@@ -115,21 +115,21 @@ def _ssim(pred: Tensor, target: Tensor) -> Tensor:
 
 def laplacian_variance(images: Tensor) -> Tensor:
     """Per-image variance of the Laplacian of the grayscale of [n, 3, h, w] images (valid conv)."""
-    return _laplacian(images).flatten(1).var(dim=1, unbiased=False)
+    return laplacian(images).flatten(1).var(dim=1, unbiased=False)
 
 
 def _sharpness(pred: Tensor, target: Tensor) -> Tensor:
     return (laplacian_variance(pred) + _EPS) / (laplacian_variance(target) + _EPS)
 
 
-def _laplacian(images: Tensor) -> Tensor:
+def laplacian(images: Tensor) -> Tensor:
     """Laplacian of the grayscale of [n, 3, h, w] images, valid convolution: [n, 1, h - 2, w - 2]."""
     gray = (images * _LUMA.to(images).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
     return F.conv2d(gray, _LAPLACIAN.to(images).view(1, 1, 3, 3))
 
 
 def _detail(pred: Tensor, target: Tensor) -> Tensor:
-    fill, original = _laplacian(pred).flatten(1), _laplacian(target).flatten(1)
+    fill, original = laplacian(pred).flatten(1), laplacian(target).flatten(1)
     return ((fill * original).sum(dim=1) + _EPS) / (original.square().sum(dim=1) + _EPS)
 
 

@@ -5,8 +5,10 @@
 
 Each face of a training batch is shown either as it is (target 1) or with a Gaussian-blurred square
 (target 0; per-pixel target 0 inside the square, 1 elsewhere), by a seeded coin flip per face. After every epoch the loss and
-accuracy on the held-out test split are logged (the paper's Table 1) with an image grid of
-original | blurred | per-pixel map. The result is `runs/<name>/pretrain/discriminator.safetensors`,
+accuracy on the held-out test split are logged (the paper's Table 1), with what tells a D that
+learned blur from one that learned where the square usually is (hybridgan.blur_metrics: accuracy
+per blur variance, per-pixel AUROC beside the position prior's, a one-feature classical detector),
+and an image grid of original | blurred | per-pixel map. The result is `runs/<name>/pretrain/discriminator.safetensors`,
 which GAN training starts from.
 """
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from torchvision.utils import make_grid
 
+from hybridgan.blur_metrics import BlurHeldOut, merge, summary
 from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
 from hybridgan.exports import save_export
-from hybridgan.losses import blur_discriminator_loss
+from hybridgan.losses import blur_discriminator_loss, decided_real
 from hybridgan.models import DiscOutput, build_discriminator
 from hybridgan.session import TrainingSession, build_adam, run_stage, run_stage_cli, speed_up
 
@@ -45,9 +49,9 @@ def blur_batch(batch: dict, device: torch.device, coin_rng: torch.Generator) -> 
     return inputs, (~blurred).flatten().float(), pixel_target
 
 
-def accuracy(out: DiscOutput, global_target: torch.Tensor) -> torch.Tensor:
-    """Fraction of images whose global probability falls on the right side of 0.5."""
-    return ((out.global_prob.float() > 0.5).float() == global_target).float().mean()
+def accuracy(out: DiscOutput, global_target: torch.Tensor, objective: str) -> torch.Tensor:
+    """Fraction of images whose global score falls on the right side of the objective's midpoint."""
+    return (decided_real(out, objective).float() == global_target).float().mean()
 
 
 class BlurPretraining:
@@ -59,6 +63,7 @@ class BlurPretraining:
         disc = speed_up(build_discriminator(cfg, "hybrid"), cfg.pretrain)
         self.disc, self.optimizer = session.prepare("disc", disc, build_adam(disc, cfg.pretrain))
         self._coin_rng = torch.Generator(device=session.device)
+        self.test_accuracy: float | None = None  # the last held-out pass's, recorded in the export
 
     def coins(self, *parts: object) -> torch.Generator:
         """The device generator for the coins, re-seeded with (seed, *parts) (no kernel, no copy, no sync)."""
@@ -72,19 +77,22 @@ class BlurPretraining:
         out = self.disc(inputs)
         loss = blur_discriminator_loss(out, global_target, pixel_target, self.cfg.loss)
         session.optimize(loss, self.disc, self.optimizer)
-        return {"disc_loss": loss.detach(), "accuracy": accuracy(out, global_target).detach()}
+        return {"disc_loss": loss.detach(),
+                "accuracy": accuracy(out, global_target, self.cfg.loss.blur_objective).detach()}
 
     @torch.no_grad()
     def held_out(self, epoch: int) -> None:
-        """Loss and accuracy on the test split (every rank takes every world_size-th batch)."""
-        session, acc = self.session, self.session.accelerator
+        """Loss, accuracy and `blur_metrics.summary` on the test split (every rank takes every
+        world_size-th batch; the per-image rows are gathered to every rank)."""
+        session, acc, cfg = self.session, self.session.accelerator, self.cfg
         # the unwrapped module: ranks see different numbers of batches, and a DDP forward would
         # wait for the others to sync buffers
         disc = acc.unwrap_model(self.disc)
         disc.eval()
-        totals = torch.zeros(3, device=session.device)
-        loader = make_loader(self.cfg, "test", batch_size=self.cfg.pretrain.batch_size, with_blur=True)
-        limit = self.cfg.pretrain.eval_batches or None
+        totals = torch.zeros(2, device=session.device)
+        collected = BlurHeldOut()
+        loader = make_loader(cfg, "test", batch_size=cfg.pretrain.batch_size, with_blur=True)
+        limit = cfg.pretrain.eval_batches or None
         for index, batch in enumerate(loader):
             if limit is not None and index >= limit:
                 break
@@ -95,24 +103,32 @@ class BlurPretraining:
             with acc.autocast():
                 out = disc(inputs)
             n = float(inputs.shape[0])
-            loss = blur_discriminator_loss(out, global_target, pixel_target, self.cfg.loss)
-            totals += torch.stack([loss.float() * n, accuracy(out, global_target) * n,
-                                   torch.tensor(n, device=session.device)])
+            loss = blur_discriminator_loss(out, global_target, pixel_target, cfg.loss)
+            totals += torch.stack([loss.float() * n, torch.tensor(n, device=session.device)])
+            collected.add(index * cfg.pretrain.batch_size, decided_real(out, cfg.loss.blur_objective),
+                          global_target, batch["blur_variance"], inputs, out.pixel_score, pixel_target,
+                          1.0 - batch["blur_target"])
             if index == 0 and session.is_main:
                 session.logger.image("test/original_blurred_pixelmap", blur_grid(disc, batch), session.state.step)
         totals = acc.reduce(totals, reduction="sum")
         disc.train()
-        values = {"test_loss": (totals[0] / totals[2]).item(), "test_accuracy": (totals[1] / totals[2]).item()}
+        data = merge(gather_object([collected.arrays()]))
+        correct = (data["decided_real"] == data["is_real"]).mean()
+        values = {"test_loss": (totals[0] / totals[1]).item(), "test_accuracy": float(correct),
+                  **summary(data, cfg.blur.min_variance, cfg.blur.max_variance)}
         session.logger.scalars("test", session.state.step, epoch + 1, values)
-        session.print(f"epoch {epoch + 1}: test loss {values['test_loss']:.4f}, "
-                      f"test accuracy {values['test_accuracy']:.3f}")
+        self.test_accuracy = values["test_accuracy"]
+        session.print(f"epoch {epoch + 1}: test loss {values['test_loss']:.4f}, test accuracy "
+                      f"{values['test_accuracy']:.3f} (classical detector {values['classical_accuracy']:.3f}), "
+                      f"pixel AUROC {values['pixel_auroc']:.3f} (position prior {values['prior_auroc']:.3f})")
 
     def export(self) -> Path:
         """Write the discriminator's weights with the run's config (main process)."""
         path = self.session.dir / EXPORT_NAME
         state = self.session.accelerator.get_state_dict(self.disc)
         if self.session.is_main:
-            save_export(state, path, self.cfg, "discriminator")
+            recorded = {} if self.test_accuracy is None else {"test_accuracy": f"{self.test_accuracy:.6f}"}
+            save_export(state, path, self.cfg, "discriminator", recorded)
         return path
 
 

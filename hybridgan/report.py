@@ -10,6 +10,9 @@
 - `paired_differences`, `sharper_at_equal_psnr`: the paper's claim decided on per-face values: the
   mean paired difference (hybrid - Pathak) of every hole metric with a seeded bootstrap 95 % interval,
   and the one-sentence verdict of the rule in `sharper_at_equal_psnr`.
+- `hf_gap`, `sharper_than`: the rule that compares any two generators (a discriminator against none,
+  the hybrid against Pathak's): is one fill's high-frequency energy closer to the original's, without
+  artefacts, and at what PSNR cost.
 
 Numbers are printed with three significant digits (`0.0013`, `0.322`, `12.5`).
 """
@@ -30,6 +33,7 @@ from hybridgan.tracking import read_records
 LOSS_KEYS = ("gen_adv_loss", "gen_pixel_loss", "disc_loss")
 BOOTSTRAP_ROUNDS = 10_000
 EQUAL_PSNR_DB = 0.5  # two fills have "equal PSNR" when the 95 % interval of the difference lies within +-this
+SEAM_TOLERANCE = 1.5  # a fill's seam (edge_jump) may be at most this many times the original's edge contrast
 LABEL_HEIGHT = 14
 
 
@@ -227,3 +231,40 @@ def differences_markdown(diffs: dict[str, dict[str, float]], first: str, second:
     """The paired differences as a table: metric | mean difference | 95 % interval."""
     rows = [[name, f"{d['mean']:+.4g}", f"[{d['low']:+.4g}, {d['high']:+.4g}]"] for name, d in diffs.items()]
     return markdown_table(["metric", f"{first} - {second}", "95 % bootstrap interval"], rows)
+
+
+def hf_gap(sharpness: Sequence[float]) -> list[float]:
+    """Per face, how far the fill's high-frequency energy is from the original's: |ln sharpness|
+    (0 when equal; a fill with half or twice the energy scores the same ln 2)."""
+    return [abs(float(np.log(max(value, 1e-12)))) for value in sharpness]
+
+
+def sharper_than(diffs: dict[str, dict[str, float]], first_means: dict[str, float], first: str,
+                 second: str) -> tuple[str, str]:
+    """Is `first`'s fill sharper than `second`'s? (outcome, one sentence with the figures).
+
+    The rule: `first` is sharper when the 95 % interval of the paired `hf_gap` difference lies below
+    0 (its high-frequency energy is closer to the original's) and its fill adds no artefact: a mean
+    checkerboard no higher than the original's and a mean seam within SEAM_TOLERANCE times the
+    original's edge contrast; blurrier when the interval lies above 0; no different when it holds 0.
+    The PSNR difference is the cost stated beside; `detail` (in-place detail) is reported but does
+    not decide: a GAN's texture is rarely where the original's was, so it reads as no detail.
+    """
+    gap, psnr, detail = diffs["hf_gap"], diffs["psnr"], diffs["detail"]
+    figures = (f"high-frequency gap {_interval(gap)}, PSNR {_interval(psnr, ' dB')}, in-place detail "
+               f"{_interval(detail)}; {gap['n']} faces, 95 % bootstrap")
+    artefacts = []
+    if first_means["checkerboard"] > first_means["checkerboard_ref"]:
+        artefacts.append(f"checkerboard {first_means['checkerboard']:.2f} above the original's "
+                         f"{first_means['checkerboard_ref']:.2f}")
+    if first_means["edge_jump"] > SEAM_TOLERANCE * first_means["edge_jump_ref"]:
+        artefacts.append(f"seam {first_means['edge_jump']:.1f} over {SEAM_TOLERANCE}x the original's "
+                         f"{first_means['edge_jump_ref']:.1f}")
+    if gap["high"] < 0 and not artefacts:
+        return "sharper", f"The {first} fill is sharper than the {second} fill ({figures})."
+    if gap["high"] < 0:
+        return ("sharper with artefacts", f"The {first} fill has more high-frequency energy than the {second} "
+                f"fill, but with artefacts ({'; '.join(artefacts)}), so it is not called sharper ({figures}).")
+    if gap["low"] > 0:
+        return "blurrier", f"The {first} fill is blurrier than the {second} fill ({figures})."
+    return "no different", f"The {first} fill is no sharper and no blurrier than the {second} fill ({figures})."

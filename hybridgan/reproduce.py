@@ -1,4 +1,4 @@
-"""The paper end to end: pack (if needed) -> pretrain -> train hybrid -> train pathak -> evaluate -> report.
+"""The paper end to end: pack (if needed) -> pretrain -> train hybrid, pathak, none -> evaluate -> report.
 
     python -m hybridgan.reproduce --config configs/smoke-cpu.yaml            # synthetic faces, CPU
     python -m hybridgan.reproduce --config configs/paper.yaml --data /data/celeba-hq.zip
@@ -51,8 +51,9 @@ def stage_commands(cfg_path: Path, cfg: Config, launcher: list[str]) -> list[tup
         ("train-hybrid", [*module, "hybridgan.train", *base, "discriminator.kind=hybrid",
                           f"discriminator.pretrained={pretrained}"], None),
         ("train-pathak", [*module, "hybridgan.train", *base, "discriminator.kind=pathak"], None),
-        ("evaluate", [*module, "hybridgan.evaluate", str(folder / "train-hybrid"), str(folder / "train-pathak"),
-                      "--out", str(folder / "eval")], None),
+        ("train-none", [*module, "hybridgan.train", *base, "discriminator.kind=none"], None),
+        ("evaluate", [*module, "hybridgan.evaluate", str(folder / "train-none"), str(folder / "train-pathak"),
+                      str(folder / "train-hybrid"), "--out", str(folder / "eval")], None),
     ]
 
 
@@ -103,7 +104,7 @@ def write_report(cfg: Config, timings: list[tuple[str, str]]) -> Path:
         "",
         evaluation.strip(),
         "",
-        "![test faces: original | masked | runs | OpenCV Telea, with hole metrics](eval/figure.png)",
+        "![test faces: original | masked | none | Pathak | hybrid | OpenCV Telea, with hole metrics](eval/figure.png)",
         "",
         "![Table 2 losses per epoch](eval/losses.png)",
         "",

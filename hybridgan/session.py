@@ -190,7 +190,11 @@ class TrainingSession:
     def optimize(self, loss: torch.Tensor, model: Any, optimizer: Any) -> None:
         """Backward and step of one model: through its own engine under DeepSpeed (Accelerate's
         `backward` drives only the last engine prepared; the engine clips as its config says), else
-        zero_grad, `accelerator.backward`, clipping to `grad_clip` when set, step."""
+        zero_grad, `accelerator.backward`, clipping to `grad_clip` when set, step. The learning rate
+        follows `warmup_lr` (a function of the step alone, so a resumed run steps alike)."""
+        lr = warmup_lr(self.stage_cfg, self.state.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         if self.uses_deepspeed:
             model.backward(loss)
             model.step()
@@ -574,6 +578,15 @@ def cast_floating_io(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
     module.register_forward_pre_hook(lambda _module, args: cast(args, dtype))
     module.register_forward_hook(lambda _module, _args, output: cast(output, torch.float32))
+
+
+def warmup_lr(stage_cfg: StageConfig, step: int) -> float:
+    """The stage's learning rate at 0-based `step`: `scaled_lr`, ramped linearly over the first
+    `warmup_steps` steps (step 0 takes 1 / warmup_steps of it)."""
+    lr = scaled_lr(stage_cfg)
+    if stage_cfg.warmup_steps > 0:
+        lr *= min(1.0, (step + 1) / stage_cfg.warmup_steps)
+    return lr
 
 
 def build_adam(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.optim.Adam:

@@ -5,10 +5,12 @@
 
 Each step masks the batch, lets G fill the hole once (composited into the context), then takes a D
 step on L_disc_joint (eq. 4-6), real and fake judged in separate forwards, and a G step on
-L_gen_joint (eq. 1-3); docs/training-step.md explains the phases. `discriminator.kind=hybrid` starts
-D from the pretraining export (`discriminator.pretrained`, by default the run folder's
-`pretrain/discriminator.safetensors`); `pathak` is the paper's baseline. The
-stage folder is `runs/<name>/train-<kind>/`; the result is `generator.safetensors` there.
+L_gen_joint (eq. 1-3, beta fixed or found at every step: hybridgan.balance); docs/training-step.md
+explains the phases. `discriminator.kind=hybrid` starts D from the pretraining export
+(`discriminator.pretrained`, by default the run folder's `pretrain/discriminator.safetensors`);
+`pathak` is the paper's baseline; `none` trains G on the pixel loss alone, the baseline that says
+whether a discriminator changes anything. The stage folder is `runs/<name>/train-<kind>/`; the
+result is `generator.safetensors` there.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.utils import make_grid
 
+from hybridgan.balance import last_layer_weight, mix_gradients
 from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
 from hybridgan.data.masks import apply_mask, make_masks
-from hybridgan.exports import ExportError, load_export, save_export
-from hybridgan.losses import discriminator_joint_loss, generator_joint_loss
+from hybridgan.exports import ExportError, export_metadata, load_export, save_export
+from hybridgan.losses import (
+    adversarial_loss, d_output, discriminator_joint_loss, pixel_loss, trained_pixel_loss,
+)
 from hybridgan.metrics import HoleMetrics, hole_metrics
 from hybridgan.models import build_discriminator, build_generator
 from hybridgan.pretrain import EXPORT_NAME as DISCRIMINATOR_EXPORT
@@ -35,7 +40,7 @@ EXPORT_NAME = "generator.safetensors"
 
 
 def stage_name(cfg: Config) -> str:
-    """`train-hybrid` or `train-pathak`: both runs of a comparison live in one run folder."""
+    """`train-hybrid`, `train-pathak` or `train-none`: the runs of a comparison live in one run folder."""
     return f"train-{cfg.discriminator.kind}"
 
 
@@ -47,12 +52,20 @@ def pretrained_path(cfg: Config) -> Path:
 
 
 def load_pretrained_discriminator(cfg: Config, disc: torch.nn.Module) -> None:
-    """Load the pretraining export into `disc`; ExportError naming the path when that fails."""
+    """Load the pretraining export into `disc`; ExportError naming the path when that fails, or
+    when the held-out accuracy the export records is below `discriminator.min_pretrain_accuracy`
+    (a D at chance has learned no blur, and calling it pre-trained would be false)."""
     path = pretrained_path(cfg)
     if not path.is_file():
         raise ExportError(f"{path}: pretraining export not found; run `python -m hybridgan.pretrain` with "
                           f"this config first, or set discriminator.from_scratch=true")
     state, _ = load_export(path, "discriminator")
+    recorded = export_metadata(path).get("test_accuracy")
+    floor = cfg.discriminator.min_pretrain_accuracy
+    if recorded is not None and float(recorded) < floor:
+        raise ExportError(f"{path}: its held-out blur accuracy {float(recorded):.3f} is below "
+                          f"discriminator.min_pretrain_accuracy={floor} (chance is 0.5): it learned no blur; "
+                          f"pretrain longer (docs/quality.md) or set discriminator.min_pretrain_accuracy=0 to use it")
     try:
         disc.load_state_dict(state)
     except RuntimeError as err:
@@ -80,25 +93,33 @@ def judging_only(disc: torch.nn.Module) -> Iterator[None]:
             param.requires_grad_(True)
 
 
+def model_names(cfg: Config) -> tuple[str, ...]:
+    """The models the stage trains and checkpoints: G alone without a discriminator."""
+    return ("gen",) if cfg.discriminator.kind == "none" else ("gen", "disc")
+
+
 class GanTraining:
     """G, D, their optimisers, and the two phases of a step.
 
     A step: G fills the holes once (with gradients); the D phase learns real vs `fake.detach()`,
     judging the real and the fake batch in two forwards of the same size (BatchNorm never sees a
     mixed batch); the G phase lets the updated D judge the same fake batch the same way (train mode,
-    batch statistics) without changing D, and back-propagates into G's one forward.
+    batch statistics) without changing D, and back-propagates into G's one forward. Without a
+    discriminator (`discriminator.kind=none`) the step is the G phase on the pixel loss alone.
     """
 
     def __init__(self, cfg: Config, session: TrainingSession) -> None:
         self.cfg = cfg
         self.session = session
-        gen = build_generator(cfg)
-        disc = build_discriminator(cfg)
-        if cfg.discriminator.kind == "hybrid" and not cfg.discriminator.from_scratch:
-            load_pretrained_discriminator(cfg, disc)
-        gen, disc = speed_up(gen, cfg.train), speed_up(disc, cfg.train)
+        gen = speed_up(build_generator(cfg), cfg.train)
         self.gen, self.opt_g = session.prepare("gen", gen, build_adam(gen, cfg.train))
-        self.disc, self.opt_d = session.prepare("disc", disc, build_adam(disc, cfg.train))
+        self.disc = self.opt_d = None
+        if cfg.discriminator.kind != "none":
+            disc = build_discriminator(cfg)
+            if cfg.discriminator.kind == "hybrid" and not cfg.discriminator.from_scratch:
+                load_pretrained_discriminator(cfg, disc)
+            disc = speed_up(disc, cfg.train)
+            self.disc, self.opt_d = session.prepare("disc", disc, build_adam(disc, cfg.train))
         self._center_mask: torch.Tensor | None = None
         self._mask_rng = torch.Generator(device=session.device)
         self._validated_at = -1
@@ -120,27 +141,42 @@ class GanTraining:
         d_fake = self.disc(fake)
         losses = discriminator_joint_loss(d_real, d_fake, self.cfg.loss, mask)
         self.session.optimize(losses.joint, self.disc, self.opt_d)
-        return {"disc_loss": losses.joint.detach(), "d_real": d_real.global_prob.detach().float().mean(),
-                "d_fake": d_fake.global_prob.detach().float().mean()}
+        objective = self.cfg.loss.adversarial
+        real_score, fake_score = d_real.global_score.detach().float(), d_fake.global_score.detach().float()
+        return {"disc_loss": losses.joint.detach(), "d_real": d_output(real_score, objective).mean(),
+                "d_fake": d_output(fake_score, objective).mean(),
+                "d_margin": real_score.mean() - fake_score.mean()}
 
     def generator_step(self, real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. 1-3: G learns to fill the hole. D judges through its unwrapped module under
         `judging_only`, so D neither learns nor updates its statistics, and DDP does not synchronise
-        D in this phase; the gradient reaches G through `fake`, G's forward of this step."""
-        acc = self.session.accelerator
+        D in this phase; the gradient reaches G through `fake`, G's forward of this step, mixed from
+        the two terms' gradients with the step's beta (hybridgan.balance)."""
+        cfg, session = self.cfg.loss, self.session
+        weighted_pixel = cfg.alpha * trained_pixel_loss(real, fake, cfg, mask)
+        logged = {"gen_pixel_loss": pixel_loss(real, fake, mask).detach()}
+        if self.disc is None:
+            session.optimize(weighted_pixel, self.gen, self.opt_g)
+            return {"gen_loss": weighted_pixel.detach(), **logged}
+        acc = session.accelerator
         disc = acc.unwrap_model(self.disc)
         with judging_only(disc), acc.autocast():
             d_fake = disc(fake)
-        losses = generator_joint_loss(real, fake, d_fake, self.cfg.loss, mask)
-        self.session.optimize(losses.joint, self.gen, self.opt_g)
-        return {"gen_loss": losses.joint.detach(), "gen_pixel_loss": losses.pixel.detach(),
-                "gen_adv_loss": losses.adv.detach()}
+        adv = adversarial_loss(d_fake, cfg, mask)
+        mixed = mix_gradients(fake, weighted_pixel, adv, cfg, session.state.step,
+                              last_layer_weight(acc.unwrap_model(self.gen)))
+        session.optimize(mixed.surrogate, self.gen, self.opt_g)
+        return {"gen_loss": mixed.joint, **logged, "gen_adv_loss": adv.detach(), "beta": mixed.beta,
+                "adv_grad_norm": mixed.adv_grad_norm, "pixel_grad_norm": mixed.pixel_grad_norm,
+                "grad_ratio": mixed.grad_ratio}
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One GAN step on `batch`; returns detached device tensors (read back at log steps only)."""
         real = to_device(batch, self.session.device)["image"]
         mask = self.masks(real.shape[0])
         fake = self.gen(apply_mask(real, mask), mask)
+        if self.disc is None:
+            return self.generator_step(real, fake, mask)
         return {**self.discriminator_step(real, fake.detach(), mask), **self.generator_step(real, fake, mask)}
 
     @torch.no_grad()
@@ -204,7 +240,7 @@ def inpaint_grid(real: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, r
 
 def train(cfg: Config) -> Path:
     """Run (or resume) GAN training of `cfg`; returns the exported generator's path."""
-    session = TrainingSession(cfg, stage_name(cfg), cfg.train, models=("gen", "disc"))
+    session = TrainingSession(cfg, stage_name(cfg), cfg.train, models=model_names(cfg))
     job = GanTraining(cfg, session)
     steps_per_epoch = batches_per_epoch(cfg, "train", cfg.train.batch_size)
     run_stage(session, steps_per_epoch, job.step, lambda epoch: job.validate(),

@@ -12,8 +12,10 @@ from hybridgan.losses import (
 )
 from hybridgan.models import ContextEncoder, DiscOutput, HybridDiscriminator, PathakDiscriminator
 
-# distinct weights, so that a swapped weight shows up in the value
-CFG = LossConfig(alpha=0.9, beta=0.1, gamma=0.3, epsilon=0.7, global_weight=0.25, pixel_weight=0.75, overlap=0)
+# distinct weights, so that a swapped weight shows up in the value; eq. 2/4/5 read literally (lsgan):
+# the L2 of D's raw score against its 0/1 target, so the scores below are the "x" of the equations
+CFG = LossConfig(alpha=0.9, beta=0.1, gamma=0.3, epsilon=0.7, global_weight=0.25, pixel_weight=0.75, overlap=0,
+                 adversarial="lsgan", blur_objective="lsgan")
 GLOBAL = torch.tensor([0.2, 0.6])
 PIXEL = torch.tensor([[[[0.0, 0.5], [1.0, 0.25]]], [[[0.5, 0.5], [0.0, 1.0]]]])  # [2, 1, 2, 2]
 HOLE = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
@@ -111,7 +113,35 @@ def test_blur_discriminator_loss() -> None:
 
 
 def test_a_confident_pathak_d_gives_table2_adv_loss_of_one() -> None:
-    assert adversarial_loss(DiscOutput(torch.zeros(16), None), LossConfig()).item() == 1.0
+    sure_fake = DiscOutput(torch.full((16,), -100.0), None)  # sigmoid 0: a probability of "real" of 0
+    assert adversarial_loss(sure_fake, LossConfig(adversarial="sigmoid_l2")).item() == 1.0
+    assert adversarial_loss(DiscOutput(torch.zeros(16), None), LossConfig(adversarial="lsgan")).item() == 1.0
+
+
+def _g_gradient(objective: str, score: float) -> float:
+    """dL_adv/dscore for G at one score, under `objective`."""
+    x = torch.tensor([score], requires_grad=True)
+    adversarial_loss(DiscOutput(x, None), LossConfig(adversarial=objective)).backward()
+    return x.grad.item()
+
+
+def test_sigmoid_l2_saturates_where_lsgan_bce_and_hinge_do_not() -> None:
+    # a D sure that the fake is fake: sigmoid_l2's gradient -2 p (1 - p)^2 vanishes
+    assert abs(_g_gradient("sigmoid_l2", -8.0)) < 1e-3
+    assert _g_gradient("lsgan", -8.0) == pytest.approx(2 * (-8.0 - 1.0))  # grows with the distance
+    assert _g_gradient("bce", -8.0) == pytest.approx(-torch.sigmoid(torch.tensor(8.0)).item())  # ~ -1
+    assert _g_gradient("hinge", -8.0) == -1.0
+
+
+def test_objective_values_by_hand() -> None:
+    real, fake = DiscOutput(torch.tensor([2.0, -0.5]), None), DiscOutput(torch.tensor([0.5, -3.0]), None)
+    hinge = LossConfig(adversarial="hinge", gamma=1.0, epsilon=1.0)
+    # D: relu(1 - s) on real: (0 + 1.5) / 2; relu(1 + s) on fake: (1.5 + 0) / 2
+    assert discriminator_joint_loss(real, fake, hinge, torch.ones(2, 1, 1, 1)).joint.item() == pytest.approx(1.5)
+    assert adversarial_loss(fake, hinge).item() == pytest.approx(1.25)  # -mean(s)
+    bce = LossConfig(adversarial="bce")
+    expected = -torch.log(torch.sigmoid(torch.tensor([0.5, -3.0]))).mean().item()
+    assert adversarial_loss(fake, bce).item() == pytest.approx(expected)
 
 
 def test_losses_are_float32_for_bf16_inputs() -> None:

@@ -87,16 +87,18 @@ def test_hybrid_shapes_and_ranges(size: int, width: int) -> None:
     out = d(images(2, size))
     assert isinstance(out, DiscOutput)
     assert out.global_prob.shape == (2,) and out.pixel_prob.shape == (2, 1, size, size)
-    for prob in out:
-        assert prob.dtype == torch.float32 and 0 <= prob.min() and prob.max() <= 1
+    for score, prob in zip(out, (out.global_prob, out.pixel_prob)):
+        assert score.dtype == torch.float32 and torch.isfinite(score).all()
+        assert torch.equal(prob, score.sigmoid()) and 0 <= prob.min() and prob.max() <= 1
 
 
 def test_hybrid_outputs_float32_under_bf16_autocast() -> None:
     d = HybridDiscriminator(DiscriminatorConfig(decoder_width=4), 32).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         out = d(images(1, 32))
-    for prob in out:
-        assert prob.dtype == torch.float32 and 0 <= prob.min() and prob.max() <= 1
+    for score, prob in zip(out, (out.global_prob, out.pixel_prob)):
+        assert score.dtype == torch.float32 and torch.isfinite(score).all()
+        assert torch.equal(prob, score.sigmoid()) and 0 <= prob.min() and prob.max() <= 1
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

@@ -1,7 +1,8 @@
 """The pretraining corruption: Gaussian-blur one square of the 256x256 source frame (docs/paper.md says why
 the square lives in the 256 frame: the paper's (80, 80) corner and 64-80 side do not fit a 128 image).
 
-The square's top-left corner is `(blur.top_left, blur.top_left)`, its side an integer drawn from
+The square's top-left corner is `(blur.top_left, blur.top_left)` (or, with `blur.random_position`,
+drawn uniformly so that the square lies in the frame), its side an integer drawn from
 `[blur.min_side, blur.max_side]`, and the Gaussian's variance is drawn uniformly from
 `[blur.min_variance, blur.max_variance]` (sigma = sqrt(variance)). The blur is an exact, separable,
 normalised Gaussian kernel of radius ceil(3 sigma) with reflect padding, computed over the square plus
@@ -54,19 +55,32 @@ def gaussian_blur_region(image: np.ndarray, box: Box, sigma: float) -> np.ndarra
     return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
 
 
+def draw_square(rng: np.random.Generator, cfg: BlurConfig, height: int, width: int) -> tuple[Box, float]:
+    """The square (top, left, side) and the Gaussian's variance for one image, drawn from `rng`
+    (side, then variance, then the corner when `cfg.random_position`)."""
+    side = int(rng.integers(cfg.min_side, cfg.max_side + 1))
+    variance = float(rng.uniform(cfg.min_variance, cfg.max_variance))
+    top = left = cfg.top_left
+    if cfg.random_position and side <= min(height, width):
+        top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+    if top + side > height or left + side > width:
+        raise ValueError(f"blur square at {top},{left} of side {side} leaves the {height}x{width} image")
+    return (top, left, side), variance
+
+
+def blur_in(image: np.ndarray, box: Box, variance: float) -> np.ndarray:
+    """A copy of `image` (HxWx3 uint8) with `box` blurred by a Gaussian of `variance`."""
+    top, left, side = box
+    blurred = image.copy()
+    if variance > 0:
+        blurred[top:top + side, left:left + side] = gaussian_blur_region(image, box, math.sqrt(variance))
+    return blurred
+
+
 def blur_square(image: np.ndarray, rng: np.random.Generator, cfg: BlurConfig) -> tuple[np.ndarray, Box]:
     """`image` (HxWx3 uint8, the source frame) with one square blurred; also the square's box."""
-    side = int(rng.integers(cfg.min_side, cfg.max_side + 1))
-    sigma = math.sqrt(rng.uniform(cfg.min_variance, cfg.max_variance))
-    top = left = cfg.top_left
-    if top + side > image.shape[0] or left + side > image.shape[1]:
-        raise ValueError(f"blur square at {top},{left} of side {side} leaves the {image.shape[0]}x"
-                         f"{image.shape[1]} image")
-    box = (top, left, side)
-    blurred = image.copy()
-    if sigma > 0:
-        blurred[top:top + side, left:left + side] = gaussian_blur_region(image, box, sigma)
-    return blurred, box
+    box, variance = draw_square(rng, cfg, image.shape[0], image.shape[1])
+    return blur_in(image, box, variance), box
 
 
 def blur_target(size: int, box: Box) -> np.ndarray:

@@ -4,7 +4,7 @@
 with an epoch (`loader(epoch)`, or `loader(epoch, start=j)` to begin at batch j) returns that epoch's
 batches for rank r: dicts `{"image": uint8 [b,3,S,S], "key": [str]}`, plus `"blurred"` (uint8, the
 frame with the blur square) and `"blur_target"` (float32 [b,1,S,S]: 0 inside the square, 1 outside,
-fractional on edge pixels) when `with_blur`. `to_device(batch, device)` moves a batch to the device
+fractional on edge pixels) and `"blur_variance"` (float32 [b], the Gaussian's variance in the frame) when `with_blur`. `to_device(batch, device)` moves a batch to the device
 and turns its uint8 images into float in [-1, 1] there. `make_loader` is the one-shot form for
 evaluation passes. `train_loader` gives the training loops this loader or, with `data.resident`, the
 split decoded once into device memory (hybridgan/data/resident.py). See docs/data-loading.md for the
@@ -48,7 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hybridgan.config import BlurConfig, Config
-from hybridgan.data.blur import blur_square, blur_target
+from hybridgan.data.blur import blur_in, blur_target, draw_square
 from hybridgan.data.manifest import shard_entries
 from hybridgan.data.preprocess import Box, crop_box, face_pixels
 
@@ -269,9 +269,11 @@ def _decode_arrays(key: str, frame: Image.Image, opts: _Options, epoch: int) -> 
     size = opts.image_size
     arrays = {"key": key, "image": face_pixels(frame, size, box, flip)}
     if opts.with_blur:
-        blurred, square = blur_square(np.asarray(frame), rng, opts.blur)
+        pixels = np.asarray(frame)
+        square, variance = draw_square(rng, opts.blur, *pixels.shape[:2])
         target = Image.fromarray(blur_target(side, square), mode="F")
-        arrays["blurred"] = face_pixels(Image.fromarray(blurred), size, box, flip)
+        arrays["blurred"] = face_pixels(Image.fromarray(blur_in(pixels, square, variance)), size, box, flip)
+        arrays["blur_variance"] = variance
         arrays["blur_target"] = face_pixels(target, size, box, flip, Image.BOX)
     return arrays
 
@@ -285,6 +287,7 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if "blurred" in samples[0]:
         batch["blurred"] = images("blurred")
         batch["blur_target"] = torch.from_numpy(np.stack([s["blur_target"] for s in samples]))[:, None]
+        batch["blur_variance"] = torch.tensor([s["blur_variance"] for s in samples], dtype=torch.float32)
     return batch
 
 

@@ -1,9 +1,9 @@
 """The paper's hybrid discriminator: ResNet50 as the contracting path of a U-Net, two heads.
 
     image [-1,1] -> ImageNet normalisation -> stem (S/2, 64) -> layer1 (S/4, 256) -> layer2 (S/8, 512)
-                 -> layer3 (S/16, 1024) -> layer4 (S/32, 2048) -> avgpool -> Linear -> sigmoid: global_prob [B]
-    layer4 -> up + layer3 -> up + layer2 -> up + layer1 -> up + stem -> up + image -> 1x1 conv -> sigmoid:
-                                                                                  pixel_prob [B, 1, S, S]
+                 -> layer3 (S/16, 1024) -> layer4 (S/32, 2048) -> avgpool -> Linear: global_score [B]
+    layer4 -> up + layer3 -> up + layer2 -> up + layer1 -> up + stem -> up + image -> 1x1 conv:
+                                                                                  pixel_score [B, 1, S, S]
 
 Each "up" is a bilinear x2 up-sampling, a concatenation with the skip, and two conv3x3-BN-ReLU; the
 decoder widths are 8w, 8w, 4w, 2w, w with w = `cfg.decoder_width`. The last skip is the (normalised)
@@ -34,10 +34,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DiscOutput(NamedTuple):
-    """Probabilities that the input is real, float32 in [0, 1]; `pixel_prob` is None for Pathak's D."""
+    """D's raw scores (logits, float32) that the input is real; `pixel_score` is None for Pathak's D.
 
-    global_prob: Tensor
-    pixel_prob: Tensor | None
+    The adversarial objective (`loss.adversarial`, hybridgan.losses) decides what a score means:
+    a logit whose sigmoid is a probability, or an LSGAN/hinge score compared with 0/1 targets.
+    """
+
+    global_score: Tensor
+    pixel_score: Tensor | None
+
+    @property
+    def global_prob(self) -> Tensor:
+        """sigmoid(global_score): the probability of "real" under the probability objectives."""
+        return self.global_score.sigmoid()
+
+    @property
+    def pixel_prob(self) -> Tensor | None:
+        return None if self.pixel_score is None else self.pixel_score.sigmoid()
 
 
 class ModelWeightsError(ValueError):
@@ -150,10 +163,9 @@ class HybridDiscriminator(nn.Module):
         d = f4
         for block, skip in zip(self.decoder, (f3, f2, f1, stem, x)):
             d = block(d, skip)
-        # sigmoid in float32 so that the probabilities stay exact in [0, 1] under bf16/fp16 autocast
-        global_prob = self.global_head(torch.flatten(e.avgpool(f4), 1)).float().sigmoid().squeeze(1)
-        pixel_logit = self.pixel_head(d)
-        if pixel_logit.shape[-2:] != image.shape[-2:]:
-            pixel_logit = F.interpolate(pixel_logit, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        pixel_prob = pixel_logit.float().sigmoid()
-        return DiscOutput(global_prob, pixel_prob)
+        # scores in float32, so that losses and sigmoids stay exact under bf16/fp16 autocast
+        global_score = self.global_head(torch.flatten(e.avgpool(f4), 1)).float().squeeze(1)
+        pixel_score = self.pixel_head(d)
+        if pixel_score.shape[-2:] != image.shape[-2:]:
+            pixel_score = F.interpolate(pixel_score, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return DiscOutput(global_score, pixel_score.float())

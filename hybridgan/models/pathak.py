@@ -1,8 +1,8 @@
 """Pathak et al.'s CNN discriminator, the baseline of the paper's Table 2.
 
 DCGAN-style: 4x4 stride-2 convs with channels c, 2c, 4c, ... (c = `cfg.pathak_channels`; BatchNorm
-on all but the first, LeakyReLU 0.2) from its input size down to 4x4, then a 4x4 conv to one logit
-and a sigmoid (Pathak's `_netlocalD`).
+on all but the first, LeakyReLU 0.2) from its input size down to 4x4, then a 4x4 conv to one score
+(Pathak's `_netlocalD`, whose sigmoid is left to the adversarial objective: hybridgan.losses).
 
 `cfg.pathak_input` says what it judges:
 - `hole` (default, Pathak's): the centre `hole_size` square of the composited image, i.e. G's
@@ -24,7 +24,7 @@ from hybridgan.models.hybrid import DiscOutput
 
 
 class PathakDiscriminator(nn.Module):
-    """Global probability of "real" only: `DiscOutput(global_prob [B] float32, pixel_prob=None)`.
+    """A global score of "real" only: `DiscOutput(global_score [B] float32, pixel_score=None)`.
 
     Takes the whole [B, 3, S, S] image either way; with `hole_size` set it crops the centre square
     itself, so the training loop treats both discriminators alike.
@@ -50,4 +50,4 @@ class PathakDiscriminator(nn.Module):
         if self.crop is not None:
             top, left, size = self.crop
             image = image[:, :, top:top + size, left:left + size]
-        return DiscOutput(self.net(image).flatten().float().sigmoid(), None)
+        return DiscOutput(self.net(image).flatten().float(), None)
