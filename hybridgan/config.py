@@ -79,6 +79,9 @@ class BlurConfig:
     max_side: int = 80
     min_variance: float = 5.0
     max_variance: float = 15.0
+    schedule_epochs: int = 0  # > 0: training's variance range moves from the start_* range to [min, max] over these epochs
+    start_min_variance: float = 40.0
+    start_max_variance: float = 80.0
 
 
 @dataclass
@@ -222,7 +225,7 @@ _NON_NEGATIVE = (
     "pretrain.checkpoint_every", "train.checkpoint_every", "pretrain.checkpoint_every_minutes",
     "train.checkpoint_every_minutes", "pretrain.eval_every_minutes",
     "train.eval_every_minutes", "loss.adaptive_scale", "loss.beta_min", "loss.adversarial_warmup",
-    "pretrain.warmup_steps", "train.warmup_steps",
+    "pretrain.warmup_steps", "train.warmup_steps", "blur.schedule_epochs", "blur.start_min_variance",
 )
 
 
@@ -272,6 +275,8 @@ def _check_ranges(cfg: Config) -> None:
          f"plus blur.top_left must fit in pack.source_size={cfg.pack.source_size}"),
         ("blur.max_variance", cfg.blur.min_variance <= cfg.blur.max_variance,
          "must be >= blur.min_variance"),
+        ("blur.start_max_variance", cfg.blur.start_min_variance <= cfg.blur.start_max_variance,
+         "must be >= blur.start_min_variance"),
         ("loss.beta_max", cfg.loss.beta_min <= cfg.loss.beta_max, "must be >= loss.beta_min"),
         ("discriminator.min_pretrain_accuracy", 0 <= cfg.discriminator.min_pretrain_accuracy <= 1,
          "must be in [0, 1]"),

@@ -4,7 +4,9 @@ the square lives in the 256 frame: the paper's (80, 80) corner and 64-80 side do
 The square's top-left corner is `(blur.top_left, blur.top_left)` (or, with `blur.random_position`,
 drawn uniformly so that the square lies in the frame), its side an integer drawn from
 `[blur.min_side, blur.max_side]`, and the Gaussian's variance is drawn uniformly from
-`[blur.min_variance, blur.max_variance]` (sigma = sqrt(variance)). The blur is an exact, separable,
+`[blur.min_variance, blur.max_variance]` (sigma = sqrt(variance)); with `blur.schedule_epochs`,
+training's first epochs draw from a stronger range that moves to that one (`variance_range`), a
+curriculum that lets a from-scratch D find blur before it must find the paper's faint blur. The blur is an exact, separable,
 normalised Gaussian kernel of radius ceil(3 sigma) with reflect padding, computed over the square plus
 that radius of context (equal to blurring the whole image), and only the square is pasted back.
 """
@@ -55,11 +57,24 @@ def gaussian_blur_region(image: np.ndarray, box: Box, sigma: float) -> np.ndarra
     return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
 
 
-def draw_square(rng: np.random.Generator, cfg: BlurConfig, height: int, width: int) -> tuple[Box, float]:
+def variance_range(cfg: BlurConfig, epoch: int | None) -> tuple[float, float]:
+    """The variance range of a training `epoch` (0-based) under the blur schedule: from the
+    `start_*` range at epoch 0 linearly to [min_variance, max_variance] at `schedule_epochs` and
+    after. `epoch=None` (evaluation) and no schedule give the final range."""
+    final = (cfg.min_variance, cfg.max_variance)
+    if epoch is None or cfg.schedule_epochs <= 0 or epoch >= cfg.schedule_epochs:
+        return final
+    t = epoch / cfg.schedule_epochs
+    start = (cfg.start_min_variance, cfg.start_max_variance)
+    return (start[0] + t * (final[0] - start[0]), start[1] + t * (final[1] - start[1]))
+
+
+def draw_square(rng: np.random.Generator, cfg: BlurConfig, height: int, width: int,
+                epoch: int | None = None) -> tuple[Box, float]:
     """The square (top, left, side) and the Gaussian's variance for one image, drawn from `rng`
-    (side, then variance, then the corner when `cfg.random_position`)."""
+    (side, then variance from `variance_range(cfg, epoch)`, then the corner when `cfg.random_position`)."""
     side = int(rng.integers(cfg.min_side, cfg.max_side + 1))
-    variance = float(rng.uniform(cfg.min_variance, cfg.max_variance))
+    variance = float(rng.uniform(*variance_range(cfg, epoch)))
     top = left = cfg.top_left
     if cfg.random_position and side <= min(height, width):
         top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))

@@ -270,7 +270,7 @@ def _decode_arrays(key: str, frame: Image.Image, opts: _Options, epoch: int) -> 
     arrays = {"key": key, "image": face_pixels(frame, size, box, flip)}
     if opts.with_blur:
         pixels = np.asarray(frame)
-        square, variance = draw_square(rng, opts.blur, *pixels.shape[:2])
+        square, variance = draw_square(rng, opts.blur, *pixels.shape[:2], epoch if opts.train else None)
         target = Image.fromarray(blur_target(side, square), mode="F")
         arrays["blurred"] = face_pixels(Image.fromarray(blur_in(pixels, square, variance)), size, box, flip)
         arrays["blur_variance"] = variance
