@@ -295,6 +295,7 @@ def results_json(runs: list[Run], summary: dict[str, dict[str, float]], split: s
     """`perceptual`: {"notes": {"lpips", "fid_kid"}, "sets": {name: set_metrics}} of `perceptual_sets`."""
     perceptual = perceptual or {"notes": {}, "sets": {}}
     sets = perceptual["sets"]
+
     def row(name: str, path: Path | None, kind: str | None) -> dict[str, Any]:
         metrics = {m: value for m, value in summary[name].items() if m != "n"}
         metrics.setdefault("lpips", None)  # a skipped LPIPS (eval.json's `perceptual` says why)
