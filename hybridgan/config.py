@@ -175,6 +175,10 @@ class EvalConfig:
     batch_size: int = 32
     max_batches: int = 0
     figure_rows: int = 6
+    # staged backbone weights of the perceptual metrics (hybridgan.perceptual); "" skips the metric
+    lpips_net: str = "alex"
+    lpips_weights: str = ""
+    inception_weights: str = ""
 
 
 @dataclass
@@ -206,6 +210,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.channels_last": (False, True, "auto"),
     "pretrain.lr_scaling": ("none", "linear", "sqrt"),
     "train.lr_scaling": ("none", "linear", "sqrt"),
+    "eval.lpips_net": ("alex", "vgg", "squeeze"),
 }
 _POSITIVE = (
     "data.image_size", "pack.source_size", "pack.shard_size", "pack.workers", "mask.hole_size",

@@ -2,6 +2,7 @@
 
     python -m hybridgan.evaluate runs/paper/train-hybrid runs/paper/train-pathak [--out DIR]
         [--split test] [--batch-size N] [--max-batches N] [--shards DIR | --photos DIR] [--cpu]
+        [--lpips-weights FILE] [--inception-weights FILE]
 
 Each RUN is a train stage folder holding `generator.safetensors`, or an export file itself. The
 data (`data.shards`, `data.image_size`) and the holes (`mask`, seeded with `run.seed`) come from
@@ -16,7 +17,13 @@ and the numbers do not depend on the number of processes); per-image values are 
 `gather_for_metrics` and the main process writes, into `--out` (default: `runs/<name>/eval/`
 next to the first RUN's stage folder):
 
-- `eval.json`: per row (each RUN, then the baseline) name, path, discriminator kind, metrics, n;
+- `eval.json` (strict JSON: null where a value is undefined): per row (each RUN, then the two
+  baselines) name, path, discriminator kind, metrics (the hole metrics and `lpips`, means over the
+  faces), `set_metrics` (`fid`, `kid_mean`, `kid_std`, `kid_subset` of the row's composited images
+  against the original faces), n; `perceptual`: one line per perceptual metric (`lpips`, `fid_kid`),
+  what was computed or why it was skipped (`hybridgan/perceptual.py`: the weights are staged files,
+  `eval.lpips_weights` and `eval.inception_weights` or the options of the same name; without them
+  the perceptual metrics are null and everything else is computed);
   and, when the RUNs include a hybrid-D and a Pathak-D generator (the first of each), `comparison`:
   the paired difference (hybrid - Pathak) of every metric over the same faces with a seeded
   bootstrap 95 % interval, and `verdict`, one sentence on whether the hybrid is sharper at equal
@@ -25,7 +32,7 @@ next to the first RUN's stage folder):
   `hf_gap`, the distance of the fill's high-frequency energy from the original's) and the outcome of
   `report.sharper_than`; `answers`: in words, does any discriminator beat none, does the hybrid
   beat Pathak's;
-- `eval.md`: the same as Markdown tables and the verdict;
+- `eval.md`: the same as Markdown tables (the perceptual metrics in a table of their own) and the verdicts;
 - `figure.png` (the paper's Figure 2): per test face a row original | masked | RUN 1 | RUN 2 | ... |
   OpenCV Telea, each cell the face above a zoomed crop of its hole (the eyes and nose of an aligned
   face under the centre hole, with a margin so seams show) above that fill's hole metrics (the
@@ -62,6 +69,7 @@ from hybridgan.data.preprocess import eval_face
 from hybridgan.inpaint import InpaintError, expand_photos, load_generator, resolve_export
 from hybridgan.metrics import METRICS, PSNR_CEILING, hole_box, hole_metrics, mean_fill
 from hybridgan.models import ContextEncoder
+from hybridgan.perceptual import Perceptual, load_perceptual, set_metrics
 from hybridgan.report import (
     ReportError, differences_markdown, hf_gap, image_grid, loss_curves_png, markdown_table, paired_differences,
     read_metrics, sharper_at_equal_psnr, sharper_than, to_uint8,
@@ -70,6 +78,7 @@ from hybridgan.report import (
 BASELINE = "mean-colour fill"
 TELEA = "OpenCV Telea"
 BASELINES = (BASELINE, TELEA)
+ORIGINAL = "original"  # the split's own faces, the reference set of FID and KID
 TELEA_RADIUS = 3
 FIGURE_CELL = 128  # faces are scaled up (nearest) to at least this many pixels a side in figure.png
 CAPTION_LINES = 3
@@ -130,6 +139,7 @@ def check_shards(cfg: Config, split: str) -> None:
 
 
 Row = tuple[str, int, dict[str, float]]  # name, face index in the split, metrics
+Features = tuple[str, int, torch.Tensor]  # name, index of the batch's first face, InceptionV3 features [n, 2048]
 
 
 def telea_fill(masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -171,17 +181,27 @@ def photo_batches(files: list[Path], cfg: Config, batch_size: int) -> Iterator[d
 
 
 class Collector:
-    """Per-image metric rows of this rank, and the first faces of the figure (main process)."""
+    """Per-image metric rows and InceptionV3 features of this rank, and the first faces of the figure
+    (main process). `metrics` are the hole metrics, and `lpips` when its network is loaded."""
 
-    def __init__(self, names: list[str], figure_rows: int) -> None:
-        self.names, self.figure_rows = names, figure_rows
+    def __init__(self, names: list[str], figure_rows: int, perceptual: Perceptual) -> None:
+        self.names, self.figure_rows, self.perceptual = names, figure_rows, perceptual
+        self.metrics = [*METRICS, *(["lpips"] if perceptual.lpips_net is not None else [])]
         self.rows: list[Row] = []
+        self.features: list[Features] = []
         self.figure: list[dict[str, torch.Tensor]] = []
 
     def add(self, name: str, first_face: int, filled: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> None:
         values = hole_metrics(filled, real, mask)
+        if self.perceptual.lpips_net is not None:
+            values["lpips"] = self.perceptual.lpips(filled, real)
         for i in range(real.shape[0]):
-            self.rows.append((name, first_face + i, {metric: float(values[metric][i]) for metric in METRICS}))
+            self.rows.append((name, first_face + i, {metric: float(values[metric][i]) for metric in self.metrics}))
+        self.add_features(name, first_face, filled)
+
+    def add_features(self, name: str, first_face: int, images: torch.Tensor) -> None:
+        if self.perceptual.inception is not None:
+            self.features.append((name, first_face, self.perceptual.features(images).cpu()))
 
     def keep_for_figure(self, real: torch.Tensor, mask: torch.Tensor, fills: dict[str, torch.Tensor]) -> None:
         for i in range(min(real.shape[0], self.figure_rows - len(self.figure))):
@@ -192,10 +212,12 @@ class Collector:
 
 @torch.no_grad()
 def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batches: int,
-            accelerator: Accelerator, photos: list[Path] | None = None) -> Collector:
+            accelerator: Accelerator, photos: list[Path] | None = None,
+            perceptual: Perceptual | None = None) -> Collector:
     """One pass over the split (or the photo files): every run and the baseline on the same images and masks."""
     names = [run.name for run in runs]
-    collector = Collector(names, cfg.eval.figure_rows if accelerator.is_main_process else 0)
+    perceptual = perceptual or Perceptual(None, None, {})
+    collector = Collector(names, cfg.eval.figure_rows if accelerator.is_main_process else 0, perceptual)
     masks_rng = torch.Generator().manual_seed(cfg.run.seed)
     if photos is None:
         loader = make_loader(cfg, split, batch_size=batch_size, train=False)
@@ -218,6 +240,7 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
         fills = {run.name: run.model(masked, mask).float() for run in runs}
         fills[BASELINE] = mean_fill(masked, mask)
         fills[TELEA] = telea_fill(masked, mask)
+        collector.add_features(ORIGINAL, first_face - real.shape[0], real)
         for name, filled in fills.items():
             collector.add(name, first_face - real.shape[0], filled, real, mask)
         collector.keep_for_figure(real, mask, fills)
@@ -225,33 +248,31 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
     return collector
 
 
-def summarise(rows: list[Row], names: list[str]) -> dict[str, dict[str, float]]:
+def summarise(rows: list[Row], names: list[str], metrics: list[str]) -> dict[str, dict[str, float]]:
     """Mean of each metric per row name, plus `n`."""
     summary = {}
     for name in names:
-        values = [metrics for row, _, metrics in rows if row == name]
-        summary[name] = {m: float(np.mean([v[m] for v in values])) if values else math.nan for m in METRICS}
+        values = [row_metrics for row, _, row_metrics in rows if row == name]
+        summary[name] = {m: float(np.mean([v[m] for v in values])) if values else math.nan for m in metrics}
         summary[name]["n"] = len(values)
     return summary
 
 
-def per_face(rows: list[Row], name: str) -> dict[str, list[float]]:
+def per_face(rows: list[Row], name: str, metrics: list[str]) -> dict[str, list[float]]:
     """Each metric's values of one row name, in face order (the same order for every name)."""
-    ordered = sorted((index, metrics) for row, index, metrics in rows if row == name)
-    return {metric: [metrics[metric] for _, metrics in ordered] for metric in METRICS}
+    ordered = sorted((index, row_metrics) for row, index, row_metrics in rows if row == name)
+    return {metric: [row_metrics[metric] for _, row_metrics in ordered] for metric in metrics}
 
 
-COMPARED = [name for name in METRICS if not name.endswith("_ref")]  # the _ref values are the original's, equal for both
-
-
-def comparison(runs: list[Run], rows: list[Row], seed: int) -> dict[str, Any] | None:
+def comparison(runs: list[Run], rows: list[Row], seed: int, metrics: list[str]) -> dict[str, Any] | None:
     """Paired differences (first hybrid-D run - first Pathak-D run) and the verdict; None without both."""
     kinds = {run.cfg.discriminator.kind: run for run in reversed(runs)}
     if "hybrid" not in kinds or "pathak" not in kinds:
         return None
     hybrid, pathak = kinds["hybrid"], kinds["pathak"]
-    first, second = per_face(rows, hybrid.name), per_face(rows, pathak.name)
-    diffs = paired_differences({m: first[m] for m in COMPARED}, {m: second[m] for m in COMPARED}, seed)
+    compared = [name for name in metrics if not name.endswith("_ref")]  # the _ref values are the original's
+    first, second = per_face(rows, hybrid.name, compared), per_face(rows, pathak.name, compared)
+    diffs = paired_differences(first, second, seed)
     return {"first": hybrid.name, "second": pathak.name, "seed": seed, "differences": diffs,
             "verdict": sharper_at_equal_psnr(diffs)}
 
@@ -259,19 +280,20 @@ def comparison(runs: list[Run], rows: list[Row], seed: int) -> dict[str, Any] | 
 PAIRS = (("pathak", "none"), ("hybrid", "none"), ("hybrid", "pathak"))  # (first, second) by D kind
 
 
-def pairwise(runs: list[Run], rows: list[Row], summary: dict[str, dict[str, float]], seed: int) -> list[dict[str, Any]]:
+def pairwise(runs: list[Run], rows: list[Row], summary: dict[str, dict[str, float]], seed: int,
+             metrics: list[str]) -> list[dict[str, Any]]:
     """For each pair of PAIRS whose kinds are both evaluated (the first run of each kind): the paired
     differences of every compared metric and of `hf_gap`, and `report.sharper_than`'s outcome."""
     kinds = {run.cfg.discriminator.kind: run for run in reversed(runs)}
+    compared = [name for name in metrics if not name.endswith("_ref")]  # the _ref values are the original's
     out = []
     for first_kind, second_kind in PAIRS:
         if first_kind not in kinds or second_kind not in kinds:
             continue
         first, second = kinds[first_kind], kinds[second_kind]
-        a, b = per_face(rows, first.name), per_face(rows, second.name)
+        a, b = per_face(rows, first.name, compared), per_face(rows, second.name, compared)
         a["hf_gap"], b["hf_gap"] = hf_gap(a["sharpness"]), hf_gap(b["sharpness"])
-        names = [*COMPARED, "hf_gap"]
-        diffs = paired_differences({m: a[m] for m in names}, {m: b[m] for m in names}, seed)
+        diffs = paired_differences(a, b, seed)
         outcome, sentence = sharper_than(diffs, summary[first.name], first.name, second.name)
         out.append({"first": first.name, "second": second.name, "first_kind": first_kind,
                     "second_kind": second_kind, "seed": seed, "differences": diffs, "outcome": outcome,
@@ -303,18 +325,61 @@ def answers(compared: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+def gathered_features(features: list[Features]) -> dict[str, torch.Tensor]:
+    """Each name's features of all ranks in face order (so the sets do not depend on the world size)."""
+    by_name: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for name, first_face, values in features:
+        by_name.setdefault(name, []).append((first_face, values))
+    return {name: torch.cat([values for _, values in sorted(parts, key=lambda part: part[0])])
+            for name, parts in by_name.items()}
+
+
+def perceptual_sets(features: list[Features], names: list[str], seed: int) -> dict[str, dict[str, Any]]:
+    """FID and KID of each name's fills against the original faces; None values without features."""
+    sets = gathered_features(features)
+    empty = torch.zeros(0, 1)
+    return {name: set_metrics(sets.get(ORIGINAL, empty), sets.get(name, empty), seed) for name in names}
+
+
 def results_json(runs: list[Run], summary: dict[str, dict[str, float]], split: str, cfg: Config,
                  compared: dict[str, Any] | None = None, photos: Path | None = None,
-                 pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    rows = [{"name": run.name, "path": str(run.path), "discriminator": run.cfg.discriminator.kind,
-             "metrics": {m: summary[run.name][m] for m in METRICS}, "n": summary[run.name]["n"]} for run in runs]
-    rows += [{"name": name, "path": None, "discriminator": None,
-              "metrics": {m: summary[name][m] for m in METRICS}, "n": summary[name]["n"]} for name in BASELINES]
+                 perceptual: dict[str, Any] | None = None, pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`perceptual`: {"notes": {"lpips", "fid_kid"}, "sets": {name: set_metrics}} of `perceptual_sets`."""
+    perceptual = perceptual or {"notes": {}, "sets": {}}
+    sets = perceptual["sets"]
+
+    def row(name: str, path: Path | None, kind: str | None) -> dict[str, Any]:
+        metrics = {m: value for m, value in summary[name].items() if m != "n"}
+        metrics.setdefault("lpips", None)  # a skipped LPIPS (eval.json's `perceptual` says why)
+        return {"name": name, "path": str(path) if path else None, "discriminator": kind, "metrics": metrics,
+                "set_metrics": sets.get(name), "n": summary[name]["n"]}
+
+    rows = [row(run.name, run.path, run.cfg.discriminator.kind) for run in runs]
+    rows += [row(name, None, None) for name in BASELINES]
     return {"split": f"photos:{photos}" if photos else split, "shards": None if photos else cfg.data.shards,
             "image_size": cfg.data.image_size,
             "mask": {"kind": cfg.mask.kind, "hole_size": cfg.mask.hole_size, "seed": cfg.run.seed},
-            "psnr_ceiling_db": PSNR_CEILING, "runs": rows, "comparison": compared,
-            "comparisons": pairs or [], "answers": answers(pairs or [])}
+            "psnr_ceiling_db": PSNR_CEILING, "perceptual": perceptual["notes"], "runs": rows,
+            "comparison": compared, "comparisons": pairs or [], "answers": answers(pairs or [])}
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def perceptual_markdown(results: dict[str, Any]) -> str:
+    """The perceptual table (LPIPS mean per face; FID, KID of the set) and one line per metric's status."""
+    table = []
+    for row in results["runs"]:
+        sets = row.get("set_metrics") or {}
+        kid = (f"{sets['kid_mean']:.3g} ± {sets['kid_std']:.2g}" if sets.get("kid_mean") is not None else "-")
+        table.append([row["name"], _or_dash(row["metrics"].get("lpips"), ".4f"), _or_dash(sets.get("fid"), ".3g"),
+                      kid, row["n"]])
+    notes = results.get("perceptual") or {}
+    lines = "".join(f"- {metric}: {note}\n" for metric, note in notes.items())
+    return ("\nPerceptual metrics (docs/quality.md): LPIPS per face on the whole composited image (lower is "
+            "closer); FID and KID (mean ± std over subsets) of each fill's set against the original faces.\n\n"
+            + markdown_table(["run", "LPIPS", "FID", "KID", "images"], table) + "\n" + lines)
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -336,7 +401,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             "the hole's border (grey levels), the original's in brackets; colour shift: distance of the "
             "hole's mean RGB (grey levels); saturation shift: fill minus original (HSV, 0-1). "
             f"PSNR of an exact fill is capped at {PSNR_CEILING:.0f} dB.\n")
-    text = markdown_table(headers, table) + note
+    text = markdown_table(headers, table) + note + perceptual_markdown(results)
     if results.get("answers"):
         text += "\n" + "\n".join(f"- **{question}** {answer}" for question, answer in results["answers"].items()) + "\n"
     for pair in results.get("comparisons", []):
@@ -404,9 +469,20 @@ def figure(faces: list[dict[str, torch.Tensor]], names: list[str]) -> Image.Imag
     return image_grid(cells, labels=columns)
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (a mean over no faces, say) as None: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def write_outputs(out: Path, runs: list[Run], results: dict[str, Any], faces: list[dict[str, torch.Tensor]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "eval.json", json.dumps(strict_json(results), indent=2, allow_nan=False) + "\n")
     write_text_atomic(out / "eval.md", results_markdown(results))
     if faces:
         figure(faces, [run.name for run in runs]).save(out / "figure.png")
@@ -429,8 +505,27 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--shards", help="packed dataset folder (default: data.shards of the first run)")
     source.add_argument("--photos", type=Path, help="a folder of photos to evaluate on instead of a split")
+    parser.add_argument("--lpips-weights", help="staged LPIPS backbone weights (default: eval.lpips_weights "
+                        "of the first run; docs/quality.md)")
+    parser.add_argument("--inception-weights", help="staged InceptionV3 weights of FID and KID (default: "
+                        "eval.inception_weights of the first run; docs/quality.md)")
     parser.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
     return parser
+
+
+def perceptual_networks(cfg: Config, args: argparse.Namespace, accelerator: Accelerator) -> Perceptual:
+    """The LPIPS and InceptionV3 networks of the staged weights (the command line's, else the first run's
+    eval.* keys) on the device; the main process prints one line per skipped metric."""
+    if args.lpips_weights is not None:
+        cfg.eval.lpips_weights = args.lpips_weights
+    if args.inception_weights is not None:
+        cfg.eval.inception_weights = args.inception_weights
+    perceptual = load_perceptual(cfg.eval.lpips_weights, cfg.eval.inception_weights, cfg.eval.lpips_net)
+    if accelerator.is_main_process:
+        for metric, note in perceptual.notes.items():
+            if note.startswith("skipped"):
+                print(f"[evaluate] {metric} {note}")
+    return perceptual.to(accelerator.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,15 +543,20 @@ def main(argv: list[str] | None = None) -> int:
             check_shards(cfg, args.split)
         batch_size = args.batch_size or cfg.eval.batch_size
         max_batches = cfg.eval.max_batches if args.max_batches is None else args.max_batches
-        collector = collect(runs, cfg, args.split, batch_size, max_batches, accelerator, photos)
+        perceptual = perceptual_networks(cfg, args, accelerator)
+        collector = collect(runs, cfg, args.split, batch_size, max_batches, accelerator, photos, perceptual)
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = accelerator.gather_for_metrics(collector.rows, use_gather_object=True)
+    features = accelerator.gather_for_metrics(collector.features, use_gather_object=True)
     if accelerator.is_main_process:
-        summary = summarise(rows, [run.name for run in runs] + list(BASELINES))
-        results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed), args.photos,
-                               pairwise(runs, rows, summary, cfg.run.seed))
+        names = [run.name for run in runs] + list(BASELINES)
+        summary = summarise(rows, names, collector.metrics)
+        sets = perceptual_sets(features, names, cfg.run.seed)
+        results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed, collector.metrics),
+                               args.photos, {"notes": perceptual.notes, "sets": sets},
+                               pairwise(runs, rows, summary, cfg.run.seed, collector.metrics))
         out = args.out or runs[0].stage_dir.parent / "eval"
         write_outputs(out, runs, results, collector.figure)
         print(results_markdown(results))

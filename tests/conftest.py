@@ -48,3 +48,53 @@ def tiny_args(shards: Path, runs: Path, *overrides: str) -> list[str]:
 def _single_thread_per_test_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Subprocesses started by tests inherit a thread cap, so 2-rank runs do not fight for 2 cores."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+@pytest.fixture(scope="session")
+def standin_lpips_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised torchvision alexnet's `features.*` state dict: the layout of the real
+    staged file (whose `classifier.*` LPIPS ignores), without its 230 MB of classifier."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    state = {k: v for k, v in torchvision.models.alexnet(weights=None).state_dict().items() if k.startswith("features.")}
+    path = tmp_path_factory.mktemp("weights") / "alexnet-standin.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def standin_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised state dict of torch-fidelity's InceptionV3 (its staged file's layout).
+
+    torch-fidelity only builds the network from a weights file, so it is built here with its loading
+    switched off; the convolutions get He-normal weights so that the features keep an O(1) scale
+    through the 90-odd layers (PyTorch's default init shrinks them to ~1e-8)."""
+    import torch
+    from torch import nn
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save({}, folder / "empty.pth")
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state, strict=True: None)
+        model = FeatureExtractorInceptionV3("standin", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth"))
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = folder / "inception-standin.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any weights download (torch.hub, which torchvision and torch-fidelity use) fails the test."""
+    import torch.hub
+
+    def refuse(url: str, *args, **kwargs) -> None:
+        raise AssertionError(f"tried to download {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)

@@ -18,6 +18,15 @@ from hybridgan.evaluate import BASELINE, TELEA, main
 from hybridgan.exports import save_export
 from hybridgan.metrics import METRICS
 from hybridgan.models import build_generator
+from hybridgan.perceptual import STAGING
+
+
+def strict_json(text: str) -> dict:
+    """json.loads refusing NaN and Infinity, which are not JSON."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in eval.json")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def make_run(stage: Path, shards: Path, runs: Path, kind: str, seed: int, epochs: int = 0) -> Path:
@@ -43,15 +52,16 @@ def evaluated(tiny_shards: Path, tmp_path_factory) -> tuple[Path, int]:
 def test_eval_files_and_values(evaluated):
     out, rc = evaluated
     assert rc == 0
-    results = json.loads((out / "eval.json").read_text())
+    results = strict_json((out / "eval.json").read_text())
     assert results["split"] == "test" and results["mask"] == {"kind": "center", "hole_size": 16, "seed": 0}
     rows = {row["name"]: row for row in results["runs"]}
     assert list(rows) == ["train-hybrid", "train-pathak", BASELINE, TELEA]
     assert rows["train-hybrid"]["discriminator"] == "hybrid" and rows["train-pathak"]["discriminator"] == "pathak"
     for row in rows.values():
         assert row["n"] == 8  # the whole test split (8 images, batches of 3, 3 + 3 + 2)
-        assert set(row["metrics"]) == set(METRICS)
-        assert all(math.isfinite(v) for v in row["metrics"].values())
+        assert set(row["metrics"]) == {*METRICS, "lpips"} and row["metrics"]["lpips"] is None
+        assert all(math.isfinite(v) for m, v in row["metrics"].items() if m != "lpips")
+        assert row["set_metrics"] == {"fid": None, "kid_mean": None, "kid_std": None, "kid_subset": None}
         assert 0 < row["metrics"]["psnr"] < 100 and -1 <= row["metrics"]["ssim"] <= 1
         assert 0 < row["metrics"]["l2"] <= row["metrics"]["l1"] <= 1
     # Two different untrained generators give different fills.
@@ -63,6 +73,11 @@ def test_eval_files_and_values(evaluated):
     assert table[5].startswith(f"| {TELEA} | - | ") and table[5].endswith(" | 8 |")
     # Telea's classical fill continues the border: a smaller seam than the flat mean-colour fill
     assert rows[TELEA]["metrics"]["edge_jump"] < rows[BASELINE]["metrics"]["edge_jump"]
+    # no staged perceptual weights: each perceptual metric says so in one line, the rest is all there
+    assert results["perceptual"] == {"lpips": f"skipped: eval.lpips_weights is not set ({STAGING})",
+                                     "fid_kid": f"skipped: eval.inception_weights is not set ({STAGING})"}
+    text = (out / "eval.md").read_text()
+    assert f"| {TELEA} | - | - | - | 8 |" in text and f"- lpips: skipped: eval.lpips_weights is not set" in text
 
 
 def test_paired_comparison_of_hybrid_and_pathak(evaluated):
@@ -101,14 +116,19 @@ def test_figures(evaluated):
     assert losses.format == "PNG" and losses.size[0] > 600
 
 
+def hole(row: dict) -> dict:
+    """A row's hole metrics (without the perceptual ones, null where their weights are not staged)."""
+    return {metric: row["metrics"][metric] for metric in METRICS}
+
+
 def test_same_numbers_when_run_again(evaluated, tmp_path):
     out, _ = evaluated
     first = json.loads((out / "eval.json").read_text())
     hybrid = Path(first["runs"][0]["path"])
     assert main([str(hybrid), "--batch-size", "8", "--out", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "eval.json").read_text())
-    assert again["runs"][0]["metrics"] == pytest.approx(first["runs"][0]["metrics"], rel=1e-5)
-    assert again["runs"][1]["metrics"] == pytest.approx(first["runs"][2]["metrics"], rel=1e-5)
+    assert hole(again["runs"][0]) == pytest.approx(hole(first["runs"][0]), rel=1e-5)
+    assert hole(again["runs"][1]) == pytest.approx(hole(first["runs"][2]), rel=1e-5)
     assert main([str(hybrid), "--max-batches", "1", "--batch-size", "3", "--out", str(tmp_path)]) == 0
     assert [row["n"] for row in json.loads((tmp_path / "eval.json").read_text())["runs"]] == [3, 3, 3]
 
@@ -144,7 +164,7 @@ def test_two_ranks_give_the_single_process_numbers(evaluated, tiny_shards, tmp_p
         assert (one["name"], one["n"]) == (two["name"], two["n"])
         # abs: a metric whose mean is near 0 (an untrained model's `detail`, a ratio of sums of signed
         # products) moves by float32 rounding (1e-8) when the batches are cut differently
-        assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-5, abs=1e-6)
+        assert hole(two) == pytest.approx(hole(one), rel=1e-5, abs=1e-6)
 
 
 def test_a_centre_hole_generator_is_not_evaluated_on_other_holes(tiny_shards, tmp_path, capsys):
@@ -177,3 +197,58 @@ def test_a_folder_of_photos_of_any_size(evaluated, tmp_path, capsys):
     [line] = [text for text in capsys.readouterr().err.splitlines() if "error" in text]
     assert line.startswith(f"error: {photos / 'p9.jpg'}: not a readable image")
     assert not (tmp_path / "f").exists()
+
+
+def test_perceptual_metrics_with_staged_weights(evaluated, standin_lpips_weights, standin_inception_weights,
+                                                no_downloads, tmp_path, capsys):
+    """Stand-in weights prove the plumbing: LPIPS per face into the means and the paired comparison,
+    FID and KID per row as a set, strict JSON; a missing file skips its metric with one line."""
+    out, _ = evaluated
+    runs = [str(out.parent / "train-hybrid"), str(out.parent / "train-pathak")]
+    staged = ["--lpips-weights", str(standin_lpips_weights), "--inception-weights", str(standin_inception_weights)]
+    assert main([*runs, *staged, "--max-batches", "1", "--batch-size", "4", "--out", str(tmp_path / "p")]) == 0
+    results = strict_json((tmp_path / "p" / "eval.json").read_text())
+    assert results["perceptual"]["lpips"].startswith(f"alexnet backbone from {standin_lpips_weights}")
+    assert results["perceptual"]["fid_kid"].startswith(f"InceptionV3 pool3 features from {standin_inception_weights}")
+    for row in results["runs"]:
+        assert row["n"] == 4 and math.isfinite(row["metrics"]["lpips"]) and row["metrics"]["lpips"] > 0
+        sets = row["set_metrics"]
+        assert sets["fid"] > 0 and math.isfinite(sets["kid_mean"]) and sets["kid_std"] >= 0 and sets["kid_subset"] == 2
+    lpips = results["comparison"]["differences"]["lpips"]
+    means = {row["name"]: row["metrics"]["lpips"] for row in results["runs"]}
+    assert lpips["mean"] == pytest.approx(means["train-hybrid"] - means["train-pathak"], rel=1e-6) and lpips["n"] == 4
+    table = (tmp_path / "p" / "eval.md").read_text()
+    assert "| run | LPIPS | FID | KID | images |" in table and f"| {TELEA} | 0." in table
+    capsys.readouterr()
+    missing = tmp_path / "nowhere" / "inception.pth"
+    staged[-1] = str(missing)
+    assert main([*runs, *staged, "--max-batches", "1", "--batch-size", "4", "--out", str(tmp_path / "q")]) == 0
+    line = (f"skipped: eval.inception_weights: {missing}: InceptionV3 weights file not found ({STAGING})")
+    assert f"[evaluate] fid_kid {line}" in capsys.readouterr().out.splitlines()
+    results = strict_json((tmp_path / "q" / "eval.json").read_text())
+    assert results["perceptual"]["fid_kid"] == line
+    for row in results["runs"]:
+        assert row["set_metrics"]["fid"] is None and math.isfinite(row["metrics"]["lpips"])
+        assert all(math.isfinite(v) for v in row["metrics"].values())
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_perceptual_numbers(evaluated, standin_lpips_weights,
+                                                              standin_inception_weights, tmp_path):
+    """FID and KID are set-level: both ranks' features are gathered (in face order) before they are
+    computed, so 2 gloo ranks taking every other batch give the single process's numbers."""
+    out, _ = evaluated
+    runs = [str(out.parent / "train-hybrid"), str(out.parent / "train-pathak")]
+    args = [*runs, "--cpu", "--batch-size", "3", "--lpips-weights", str(standin_lpips_weights),
+            "--inception-weights", str(standin_inception_weights)]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    proc = run_stage("hybridgan.evaluate", [*args, "--out", str(tmp_path / "two")], launcher=launcher, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    single, double = (strict_json((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
+    for one, two in zip(single["runs"], double["runs"]):
+        assert (one["name"], one["n"]) == (two["name"], two["n"]) and one["set_metrics"]["kid_subset"] == 4
+        assert two["metrics"]["lpips"] == pytest.approx(one["metrics"]["lpips"], rel=1e-5)
+        assert two["set_metrics"] == pytest.approx(one["set_metrics"], rel=1e-4, abs=1e-7)

@@ -57,9 +57,11 @@ class ModelWeightsError(ValueError):
     """A missing, unreadable or mismatched weights file; the message is one line naming it."""
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path, what: str = "resnet50") -> dict[str, Tensor]:
+    """The tensors of a local .pth/.pt (tensors-only torch.save) or .safetensors file; any defect is a
+    one-line ModelWeightsError naming the file (`what` names the network in the not-found message)."""
     if not path.is_file():
-        raise ModelWeightsError(f"{path}: resnet50 weights file not found")
+        raise ModelWeightsError(f"{path}: {what} weights file not found")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -81,7 +83,7 @@ def load_resnet_weights(encoder: nn.Module, path: str | Path) -> None:
     The classifier (`fc.*`) is ignored. Never downloads; any defect is a ModelWeightsError.
     """
     path = Path(path)
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("fc.")}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
     expected = {k: v for k, v in encoder.state_dict().items() if not k.startswith("fc.")}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
