@@ -8,11 +8,13 @@ of range. Every failure is a `ConfigError` whose single line names the file and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hybridgan.atomic import write_text_atomic
@@ -208,8 +210,10 @@ _NON_NEGATIVE = (
     "generator.seam_blend", "pretrain.grad_clip", "train.grad_clip",
     "pretrain.checkpoint_every", "train.checkpoint_every", "pretrain.checkpoint_every_minutes",
     "train.checkpoint_every_minutes", "pretrain.eval_every_minutes",
-    "train.eval_every_minutes",
+    "train.eval_every_minutes", "run.seed",
 )
+SEED_LIMIT = 2 ** 32
+"""Seeds must be below this: numpy's generator (seeded by Accelerate's `set_seed`) takes 32 bits."""
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -223,8 +227,29 @@ def _power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
+def _numbers(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every float and int in a config tree, list items as `key[i]`."""
+    if dataclasses.is_dataclass(node):
+        return [item for f in dataclasses.fields(node)
+                for item in _numbers(getattr(node, f.name), f"{prefix}{f.name}.")]
+    if isinstance(node, (list, tuple)):
+        return [item for index, value in enumerate(node) for item in _numbers(value, f"{prefix[:-1]}[{index}].")]
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return [(prefix[:-1], node)]
+    return []
+
+
+def _check_finite(cfg: Config) -> None:
+    """ConfigError naming the first key (anywhere in the schema) that holds NaN or an infinity: a
+    range check such as `x < 0` or `x > 0` lets NaN through, and NaN turns features off silently."""
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+
+
 def _check_ranges(cfg: Config) -> None:
     """Raise ConfigError (message: key and value) for the first value outside its range."""
+    _check_finite(cfg)
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
@@ -235,6 +260,7 @@ def _check_ranges(cfg: Config) -> None:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     checks = [
+        ("run.seed", cfg.run.seed < SEED_LIMIT, f"must be < 2**32 = {SEED_LIMIT}"),
         ("pack.jpeg_quality", 1 <= cfg.pack.jpeg_quality <= 100, "must be in [1, 100]"),
         ("pack.val_fraction", 0 <= cfg.pack.val_fraction < 1, "must be in [0, 1)"),
         ("pack.test_fraction", 0 <= cfg.pack.val_fraction + cfg.pack.test_fraction < 1,
@@ -282,6 +308,17 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: key '{key}': {reason}") from None
 
 
+def _mapping(loaded: Any, path: Path) -> DictConfig:
+    """The loaded YAML when it is a non-empty mapping of keys; ConfigError naming the file otherwise
+    (an empty file would silently give every default, a list cannot be merged into the schema)."""
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: holds a {type(loaded).__name__.removesuffix('Config').lower()}, "
+                          f"expected a mapping of keys (run:, data:, train: ...)")
+    if not loaded:
+        raise ConfigError(f"{path}: empty config file (no keys); write the keys it should set")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     merged = OmegaConf.structured(Config)
@@ -293,7 +330,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = OmegaConf.load(path)
         except Exception as err:  # yaml.YAMLError and friends: name the file, keep one line
             raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-        merged = _merge(merged, loaded, str(path))
+        merged = _merge(merged, _mapping(loaded, path), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
