@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -369,6 +369,29 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config FILE` and trailing `key=value` overrides, shared by every stage's CLI."""
     parser.add_argument("--config", default="configs/smoke-cpu.yaml", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def out_folder(text: str) -> Path:
+    """argparse type: an output folder, existing or not, but not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is an existing file, not a folder")
+    return path
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

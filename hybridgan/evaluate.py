@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from hybridgan.atomic import write_text_atomic
-from hybridgan.config import Config
+from hybridgan.config import Config, at_least, out_folder
 from hybridgan.data.loader import batches_per_epoch, make_loader, to_device
 from hybridgan.data.manifest import ManifestError, shard_urls
 from hybridgan.data.masks import apply_mask, make_masks
@@ -347,7 +347,7 @@ def figure(faces: list[dict[str, torch.Tensor]], names: list[str]) -> Image.Imag
 
 def write_outputs(out: Path, runs: list[Run], results: dict[str, Any], faces: list[dict[str, torch.Tensor]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "eval.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     write_text_atomic(out / "eval.md", results_markdown(results))
     if faces:
         figure(faces, [run.name for run in runs]).save(out / "figure.png")
@@ -363,10 +363,10 @@ def write_outputs(out: Path, runs: list[Run], results: dict[str, Any], faces: li
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hybridgan.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="train stage folders or generator .safetensors files")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/<name>/eval)")
+    parser.add_argument("--out", type=out_folder, help="output folder (default: runs/<name>/eval)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--batch-size", type=int, help="default: eval.batch_size of the first run")
-    parser.add_argument("--max-batches", type=int, help="default: eval.max_batches (0 = the whole split)")
+    parser.add_argument("--batch-size", type=at_least(1), help="default: eval.batch_size of the first run")
+    parser.add_argument("--max-batches", type=at_least(0), help="default: eval.max_batches (0 = the whole split)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--shards", help="packed dataset folder (default: data.shards of the first run)")
     source.add_argument("--photos", type=Path, help="a folder of photos to evaluate on instead of a split")
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size = args.batch_size or cfg.eval.batch_size
         max_batches = cfg.eval.max_batches if args.max_batches is None else args.max_batches
         collector = collect(runs, cfg, args.split, batch_size, max_batches, accelerator, photos)
-    except EvalError as err:
+    except (EvalError, ValueError) as err:  # ValueError: a MetricError, ManifestError ... (one line)
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = accelerator.gather_for_metrics(collector.rows, use_gather_object=True)

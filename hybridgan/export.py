@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from hybridgan.config import Config, ConfigError, load_config
-from hybridgan.exports import COMPILED_PREFIX, save_export
+from hybridgan.exports import COMPILED_PREFIX, ExportError, save_export
 from hybridgan.models import build_discriminator, build_generator
 
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = export_checkpoint(args.stage, args.step, args.out)
-    except ExportCheckpointError as err:
+    except (ExportCheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)
