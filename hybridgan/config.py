@@ -26,9 +26,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
+    """`restart_damaged`: start a stage whose checkpoints are all damaged again from step 0 (they
+    stay in `damaged-step-*`); without it such a stage is an error on every run."""
+
     name: str = "smoke"
     root: str = "runs"
     seed: int = 0
+    restart_damaged: bool = False
 
 
 @dataclass
