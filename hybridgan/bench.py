@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from hybridgan.config import Config, ConfigError, add_config_arguments, config_from_args, load_config
+from hybridgan.config import Config, ConfigError, add_config_arguments, cli_parser, config_from_args, load_config
 from hybridgan.devices import native_bf16
 from hybridgan.host_memory import freed_memory_kept
 from hybridgan.models import model_summary
@@ -625,7 +625,10 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [_add_loader, _add_stages, _add_matri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.bench", description=__doc__.splitlines()[0])
+    parser = cli_parser("hybridgan.bench", __doc__.splitlines()[0], [
+        "python -m hybridgan.bench train --config configs/paper.yaml --steps 2 --warmup 1 train.cpu=true",
+        "python -m hybridgan.bench loader --shards shards/synthetic --workers 1,2",
+        "python -m hybridgan.bench matrix --json benchmarks/results/gpu.json"])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)

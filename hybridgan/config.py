@@ -369,6 +369,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
     write_text_atomic(path, to_yaml(cfg))
 
 
+def cli_parser(module: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """The parser of `python -m MODULE`: that usage line, and `examples` (commands as typed) at the
+    end of its --help."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                   epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config FILE` and trailing `key=value` overrides, shared by every stage's CLI."""
     parser.add_argument("--config", default="configs/smoke-cpu.yaml", help="YAML config file")

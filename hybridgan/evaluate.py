@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from hybridgan.atomic import write_text_atomic
-from hybridgan.config import Config, at_least, out_folder
+from hybridgan.config import Config, at_least, cli_parser, out_folder
 from hybridgan.data.loader import batches_per_epoch, make_loader, to_device
 from hybridgan.data.manifest import ManifestError, shard_urls
 from hybridgan.data.masks import apply_mask, make_masks
@@ -360,8 +360,13 @@ def write_outputs(out: Path, runs: list[Run], results: dict[str, Any], faces: li
     loss_curves_png(series, out / "losses.png")
 
 
+EXAMPLES = ["python -m hybridgan.evaluate runs/paper/train-hybrid runs/paper/train-pathak",
+            "python -m hybridgan.evaluate runs/paper/train-hybrid --split val --max-batches 4 --out eval-val/",
+            "python -m hybridgan.evaluate runs/paper/train-hybrid --photos my-faces/ --out eval-photos/"]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli_parser("hybridgan.evaluate", __doc__.split("\n\n")[0].splitlines()[0], EXAMPLES)
     parser.add_argument("runs", nargs="+", help="train stage folders or generator .safetensors files")
     parser.add_argument("--out", type=out_folder, help="output folder (default: runs/<name>/eval)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from hybridgan.config import Config, out_folder
+from hybridgan.config import Config, cli_parser, out_folder
 from hybridgan.data.masks import center_box
 from hybridgan.data.photo import PhotoError, open_photo
 from hybridgan.exports import ExportError, load_export
@@ -276,7 +276,10 @@ def join_box_value(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.inpaint", description=__doc__.split("\n\n")[0])
+    parser = cli_parser("hybridgan.inpaint", __doc__.split("\n\n")[0].splitlines()[0], [
+        "python -m hybridgan.inpaint --generator runs/paper/train-hybrid photo.jpg --out filled/",
+        "python -m hybridgan.inpaint --generator G.safetensors a.png b.jpg --out filled/ --box 90,60,80,80",
+        "python -m hybridgan.inpaint --generator G.safetensors photos/ --out filled/ --keep-names"])
     parser.add_argument("--generator", required=True, help="train stage folder or generator .safetensors")
     parser.add_argument("images", nargs="+", type=Path, help="photos (JPEG/PNG, any size) or folders of them")
     parser.add_argument("--out", required=True, type=out_folder, help="output folder")

@@ -55,7 +55,7 @@ from webdataset import TarWriter
 
 import hybridgan
 from hybridgan.atomic import write_text_atomic
-from hybridgan.config import PackConfig, add_config_arguments, config_from_args
+from hybridgan.config import PackConfig, add_config_arguments, cli_parser, config_from_args
 from hybridgan.data.manifest import MANIFEST, SPLITS, ManifestError, verify_shards
 from hybridgan.data.photo import PhotoError, is_photo_name, is_plain_frame, open_photo, square_frame
 from hybridgan.data.synthetic import synthetic_face
@@ -434,7 +434,10 @@ def _verify(shards_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.pack", description=__doc__.splitlines()[0])
+    parser = cli_parser("hybridgan.pack", __doc__.splitlines()[0], [
+        "python -m hybridgan.pack /data/celeba-hq.zip --out shards/celeba-hq --config configs/paper.yaml",
+        "python -m hybridgan.pack synthetic:2000 --out shards/synthetic",
+        "python -m hybridgan.pack --verify shards/celeba-hq"])
     parser.add_argument("source", nargs="?", help="folder of images, a .zip of one, or synthetic:N")
     parser.add_argument("--out", type=Path, help="output folder, e.g. shards/NAME")
     parser.add_argument("--workers", type=int, default=None, help="processes (default pack.workers)")

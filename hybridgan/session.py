@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 
 from hybridgan.atomic import write_text_atomic
 from hybridgan.checkpoint import CheckpointError, CheckpointManager, any_rank
-from hybridgan.config import (Config, StageConfig, add_config_arguments, config_from_args, save_config, scaled_lr,
-                              to_yaml)
+from hybridgan.config import (Config, StageConfig, add_config_arguments, cli_parser, config_from_args, save_config,
+                              scaled_lr, to_yaml)
 from hybridgan.devices import resolve_mixed_precision, use_channels_last
 from hybridgan.exports import non_finite
 from hybridgan.host_memory import keep_freed_memory
@@ -668,10 +668,22 @@ def run_stage(session: TrainingSession, steps_per_epoch: int,
         session.end_step(epoch, step(batch))
 
 
+STAGE_EXAMPLES = {
+    "hybridgan.pretrain": ["python -m hybridgan.pretrain --config configs/paper.yaml",
+                           "python -m hybridgan.pretrain --config configs/smoke-cpu.yaml pretrain.max_steps=20"],
+    "hybridgan.train": ["python -m hybridgan.train --config configs/paper.yaml",
+                        "python -m hybridgan.train --config configs/paper.yaml discriminator.kind=pathak",
+                        "python -m hybridgan.train --config configs/smoke-cpu.yaml train.epochs=1"],
+}
+"""What the --help of each stage's command line ends with: commands as typed."""
+
+
 def run_stage_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
     """A stage's command line (`--config FILE` and `key=value` overrides): run it, and print a known
     failure as one line on stderr with exit code 1. Set HYBRIDGAN_DEBUG=1 for the full traceback."""
-    parser = argparse.ArgumentParser(description=description)
+    spec = sys.modules[stage.__module__].__spec__  # under `python -m`, the module is __main__
+    module = spec.name if spec is not None else stage.__module__
+    parser = cli_parser(module, description, STAGE_EXAMPLES.get(module, []))
     add_config_arguments(parser)
     cfg = config_from_args(parser.parse_args(argv))
     try:
