@@ -37,8 +37,9 @@ def stage_commands(cfg_path: Path, cfg: Config, launcher: list[str]) -> list[tup
     """(name, command, file that makes it unnecessary) of every stage in chain order.
 
     Only pack can be unnecessary: without `data.source`, when the shards folder holds a finished
-    pack. With a source it runs: on a finished identical pack it only checks the plan, and on a
-    folder holding a different pack it is the stage that says so.
+    pack. With a source it runs: on a finished identical pack it checks the plan and re-hashes every
+    shard (re-packing a damaged one), and on a folder holding a different pack it is the stage that
+    says so.
     """
     folder = run_folder(cfg)
     base = ["--config", str(cfg_path)]
