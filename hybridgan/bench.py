@@ -45,7 +45,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from hybridgan.config import Config, ConfigError, add_config_arguments, config_from_args, load_config
+from hybridgan.config import Config, ConfigError, add_config_arguments, cli_parser, config_from_args, load_config
+from hybridgan.devices import native_bf16
 from hybridgan.host_memory import freed_memory_kept
 from hybridgan.models import model_summary
 from hybridgan.session import TrainingSession
@@ -138,10 +139,21 @@ def _best_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], None])
 def machine_rates(device: torch.device, size: int, repeats: int = 3) -> dict[str, Any]:
     """What this device does at its best, now, with the threads in use: GFLOP/s of a `size`-square
     matmul in fp32 and bf16, and of a 3x3 convolution (forward, no grad) in fp32 and bf16 (autocast),
-    NCHW and channels_last. `best_matmul_gflops` is the faster of the two matmuls."""
+    NCHW and channels_last. bf16 is timed only where the device computes it natively
+    (`hybridgan.devices.native_bf16`; its rates are None elsewhere): emulated bf16 runs a CPU with
+    AVX2 only at 0.3 GFLOP/s against 145 in fp32, so timing it took minutes for a precision `auto`
+    never picks there. `best_matmul_gflops` is the fastest matmul timed; `precisions` those timed."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rates: dict[str, Any] = {"threads": torch.get_num_threads(), "matmul_size": size}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    precisions = [("fp32", torch.float32)]
+    if native_bf16(device.type != "cuda"):
+        precisions.append(("bf16", torch.bfloat16))
+    rates: dict[str, Any] = {"threads": torch.get_num_threads(), "matmul_size": size,
+                             "precisions": [name for name, _ in precisions]}
+    for name in ("fp32", "bf16"):
+        rates[f"matmul_{name}_gflops"] = None
+        for layout in ("nchw", "channels_last"):
+            rates[f"conv3x3_{name}_{layout}_gflops"] = None
+    for name, dtype in precisions:
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
         rates[f"matmul_{name}_gflops"] = round(2 * size**3 / _best_seconds(lambda: a @ b, repeats, sync) / 1e9, 1)
@@ -152,13 +164,13 @@ def machine_rates(device: torch.device, size: int, repeats: int = 3) -> dict[str
     rates["conv3x3_shape"] = [batch, channels, side, side]
     for layout, memory_format in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
         conv, image = conv.to(memory_format=memory_format), image.contiguous(memory_format=memory_format)
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for name, dtype in precisions:
             def forward() -> Any:
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     return conv(image)
             seconds = _best_seconds(forward, repeats, sync)
             rates[f"conv3x3_{name}_{layout}_gflops"] = round(conv_flops / seconds / 1e9, 1)
-    best = max(("fp32", "bf16"), key=lambda name: rates[f"matmul_{name}_gflops"])
+    best = max(rates["precisions"], key=lambda name: rates[f"matmul_{name}_gflops"])
     rates["best_matmul_precision"], rates["best_matmul_gflops"] = best, rates[f"matmul_{best}_gflops"]
     return rates
 
@@ -613,7 +625,10 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [_add_loader, _add_stages, _add_matri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.bench", description=__doc__.splitlines()[0])
+    parser = cli_parser("hybridgan.bench", __doc__.splitlines()[0], [
+        "python -m hybridgan.bench train --config configs/paper.yaml --steps 2 --warmup 1 train.cpu=true",
+        "python -m hybridgan.bench loader --shards shards/synthetic --workers 1,2",
+        "python -m hybridgan.bench matrix --json benchmarks/results/gpu.json"])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)

@@ -12,7 +12,10 @@ A checkpoint is written into `checkpoints/.partial-step-N/`; once every rank has
 the main process writes `manifest.json` and renames the folder, then replaces `latest`. A kill at
 any moment therefore leaves complete `step-*` folders only (a stale `.partial-*` is removed on the
 next save). On resume, the newest `step-*` whose files match their manifest is used, whatever
-`latest` says (missing, dangling or older); a damaged one is named and moved aside, never deleted.
+`latest` says (missing, dangling or older); a damaged one (a file that differs from the manifest,
+or no manifest at all) is named and moved aside, never deleted. When no intact one is left, the
+stage is an error on this and every later run, as long as `damaged-*` folders remain, until the
+user passes `run.restart_damaged=true` (start the stage again from step 0; the damaged ones stay).
 Files follow the user's umask (safetensors and tempfile write mode 0600 on their own).
 
 By default (`checkpoint_async`) the step does not wait for the big files: the main thread takes a
@@ -72,12 +75,13 @@ class CheckpointManager:
         done = self._complete()
         return done[-1] if done else None
 
-    def find_resume_point(self, say: Callable[[str], None]) -> Path | None:
+    def find_resume_point(self, say: Callable[[str], None], restart_damaged: bool = False) -> Path | None:
         """The newest checkpoint whose files match its manifest (main process only).
 
         Damaged ones are moved to `damaged-step-N/` and named through `say`; a missing or dangling
-        `latest` is named and rewritten. Raises CheckpointError when checkpoints exist but none is
-        intact (or the write in flight failed); returns None when the stage has none.
+        `latest` is named and rewritten. Raises CheckpointError when none is intact but damaged ones
+        exist (moved aside now or by an earlier run), unless `restart_damaged`, or when the write in
+        flight failed; returns None when the stage has no checkpoint to resume from.
         """
         self.wait()
         candidates = self._complete()
@@ -86,22 +90,23 @@ class CheckpointManager:
         if candidates and named != candidates[-1].name:
             state = "missing" if named is None else f"names {named}, which is not the newest checkpoint"
             say(f"{pointer}: {state}; looking for the newest intact step-* checkpoint")
-        damaged = []
         for path in reversed(candidates):
             problem = verify_manifest(path)
             if problem is None:
                 if named != path.name:
                     self._point_latest_to(path)
                 return path
-            aside = path.with_name(f"damaged-{path.name}")
-            if aside.exists():
-                shutil.rmtree(aside)
+            aside = _free_name(path.with_name(f"damaged-{path.name}"))
             os.replace(path, aside)
-            damaged.append(aside.name)
             say(f"{path}: damaged ({problem}); moved to {aside.name}")
+        damaged = ", ".join(sorted(p.name for p in self.dir.glob("damaged-*"))) if self.dir.is_dir() else ""
+        if damaged and not restart_damaged:
+            raise CheckpointError(f"{self.dir}: no intact checkpoint left ({damaged} are damaged and kept); "
+                                  f"restore one, or pass run.restart_damaged=true to start the stage again "
+                                  f"from step 0")
         if damaged:
-            raise CheckpointError(f"{self.dir}: no intact checkpoint left ({', '.join(damaged)} are damaged and "
-                                  f"kept); move the stage folder away to start it again")
+            say(f"{self.dir}: no intact checkpoint ({damaged} are damaged and kept); run.restart_damaged=true: "
+                f"starting the stage again from step 0")
         return None
 
     def save(self, step: int, saved_with: dict[str, Any]) -> Path:
@@ -276,15 +281,24 @@ def write_manifest(folder: Path, saved_with: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": entries, "saved_with": saved_with}, indent=1))
 
 
+def _free_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3` ... whichever does not exist yet (nothing is overwritten)."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
 def verify_manifest(folder: Path) -> str | None:
     """None when every file listed in `folder`'s manifest is there with its size and sha256, else
-    what is wrong. A checkpoint from before manifests were written is taken as it is."""
+    what is wrong; a folder without its manifest cannot be verified, so it is damaged too."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        return None
+        return f"{MANIFEST} is missing"
     try:
         entries = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
         return f"{MANIFEST} unreadable: {err}"
     for entry in entries:
         path = folder / entry["name"]

@@ -8,11 +8,13 @@ of range. Every failure is a `ConfigError` whose single line names the file and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hybridgan.atomic import write_text_atomic
@@ -24,9 +26,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
+    """`restart_damaged`: start a stage whose checkpoints are all damaged again from step 0 (they
+    stay in `damaged-step-*`); without it such a stage is an error on every run."""
+
     name: str = "smoke"
     root: str = "runs"
     seed: int = 0
+    restart_damaged: bool = False
 
 
 @dataclass
@@ -231,7 +237,10 @@ _NON_NEGATIVE = (
     "train.checkpoint_every_minutes", "pretrain.eval_every_minutes",
     "train.eval_every_minutes", "loss.adaptive_scale", "loss.beta_min", "loss.adversarial_warmup",
     "pretrain.warmup_steps", "train.warmup_steps", "blur.schedule_epochs", "blur.start_min_variance",
+    "run.seed",
 )
+SEED_LIMIT = 2 ** 32
+"""Seeds must be below this: numpy's generator (seeded by Accelerate's `set_seed`) takes 32 bits."""
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -245,8 +254,29 @@ def _power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
+def _numbers(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every float and int in a config tree, list items as `key[i]`."""
+    if dataclasses.is_dataclass(node):
+        return [item for f in dataclasses.fields(node)
+                for item in _numbers(getattr(node, f.name), f"{prefix}{f.name}.")]
+    if isinstance(node, (list, tuple)):
+        return [item for index, value in enumerate(node) for item in _numbers(value, f"{prefix[:-1]}[{index}].")]
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return [(prefix[:-1], node)]
+    return []
+
+
+def _check_finite(cfg: Config) -> None:
+    """ConfigError naming the first key (anywhere in the schema) that holds NaN or an infinity: a
+    range check such as `x < 0` or `x > 0` lets NaN through, and NaN turns features off silently."""
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+
+
 def _check_ranges(cfg: Config) -> None:
     """Raise ConfigError (message: key and value) for the first value outside its range."""
+    _check_finite(cfg)
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
@@ -257,6 +287,7 @@ def _check_ranges(cfg: Config) -> None:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     checks = [
+        ("run.seed", cfg.run.seed < SEED_LIMIT, f"must be < 2**32 = {SEED_LIMIT}"),
         ("pack.jpeg_quality", 1 <= cfg.pack.jpeg_quality <= 100, "must be in [1, 100]"),
         ("pack.val_fraction", 0 <= cfg.pack.val_fraction < 1, "must be in [0, 1)"),
         ("pack.test_fraction", 0 <= cfg.pack.val_fraction + cfg.pack.test_fraction < 1,
@@ -309,6 +340,17 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: key '{key}': {reason}") from None
 
 
+def _mapping(loaded: Any, path: Path) -> DictConfig:
+    """The loaded YAML when it is a non-empty mapping of keys; ConfigError naming the file otherwise
+    (an empty file would silently give every default, a list cannot be merged into the schema)."""
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: holds a {type(loaded).__name__.removesuffix('Config').lower()}, "
+                          f"expected a mapping of keys (run:, data:, train: ...)")
+    if not loaded:
+        raise ConfigError(f"{path}: empty config file (no keys); write the keys it should set")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     merged = OmegaConf.structured(Config)
@@ -320,7 +362,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = OmegaConf.load(path)
         except Exception as err:  # yaml.YAMLError and friends: name the file, keep one line
             raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-        merged = _merge(merged, loaded, str(path))
+        merged = _merge(merged, _mapping(loaded, path), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -355,10 +397,41 @@ def save_config(cfg: Config, path: str | Path) -> None:
     write_text_atomic(path, to_yaml(cfg))
 
 
+def cli_parser(module: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """The parser of `python -m MODULE`: that usage line, and `examples` (commands as typed) at the
+    end of its --help."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                   epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config FILE` and trailing `key=value` overrides, shared by every stage's CLI."""
     parser.add_argument("--config", default="configs/smoke-cpu.yaml", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def out_folder(text: str) -> Path:
+    """argparse type: an output folder, existing or not, but not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is an existing file, not a folder")
+    return path
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

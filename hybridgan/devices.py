@@ -32,14 +32,17 @@ def cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
+def native_bf16(cpu: bool) -> bool:
+    """Whether the CPU (`cpu`) or the CUDA device computes bf16 natively (not emulated)."""
+    return cpu_has_fast_bf16() if cpu else torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_mixed_precision(setting: str, cpu: bool) -> str:
     """The Accelerator's `mixed_precision` for a stage's `setting` ("no", "fp16", "bf16" or "auto")
     on the CPU (`cpu`) or on CUDA."""
     if setting != "auto":
         return setting
-    if cpu:
-        return "bf16" if cpu_has_fast_bf16() else "no"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+    return "bf16" if native_bf16(cpu) else "no"
 
 
 def use_channels_last(setting: bool | str, model: nn.Module) -> bool:

@@ -60,7 +60,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from hybridgan.atomic import write_text_atomic
-from hybridgan.config import Config
+from hybridgan.config import Config, at_least, cli_parser, out_folder
 from hybridgan.data.loader import batches_per_epoch, make_loader, to_device
 from hybridgan.data.manifest import ManifestError, shard_urls
 from hybridgan.data.masks import apply_mask, make_masks
@@ -495,13 +495,18 @@ def write_outputs(out: Path, runs: list[Run], results: dict[str, Any], faces: li
     loss_curves_png(series, out / "losses.png")
 
 
+EXAMPLES = ["python -m hybridgan.evaluate runs/paper/train-hybrid runs/paper/train-pathak",
+            "python -m hybridgan.evaluate runs/paper/train-hybrid --split val --max-batches 4 --out eval-val/",
+            "python -m hybridgan.evaluate runs/paper/train-hybrid --photos my-faces/ --out eval-photos/"]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli_parser("hybridgan.evaluate", __doc__.split("\n\n")[0].splitlines()[0], EXAMPLES)
     parser.add_argument("runs", nargs="+", help="train stage folders or generator .safetensors files")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/<name>/eval)")
+    parser.add_argument("--out", type=out_folder, help="output folder (default: runs/<name>/eval)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--batch-size", type=int, help="default: eval.batch_size of the first run")
-    parser.add_argument("--max-batches", type=int, help="default: eval.max_batches (0 = the whole split)")
+    parser.add_argument("--batch-size", type=at_least(1), help="default: eval.batch_size of the first run")
+    parser.add_argument("--max-batches", type=at_least(0), help="default: eval.max_batches (0 = the whole split)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--shards", help="packed dataset folder (default: data.shards of the first run)")
     source.add_argument("--photos", type=Path, help="a folder of photos to evaluate on instead of a split")
@@ -545,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batches = cfg.eval.max_batches if args.max_batches is None else args.max_batches
         perceptual = perceptual_networks(cfg, args, accelerator)
         collector = collect(runs, cfg, args.split, batch_size, max_batches, accelerator, photos, perceptual)
-    except EvalError as err:
+    except (EvalError, ValueError) as err:  # ValueError: a MetricError, ManifestError ... (one line)
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = accelerator.gather_for_metrics(collector.rows, use_gather_object=True)

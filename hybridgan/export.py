@@ -29,8 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from hybridgan.config import Config, ConfigError, load_config
-from hybridgan.exports import COMPILED_PREFIX, save_export
+from hybridgan.config import Config, ConfigError, cli_parser, load_config
+from hybridgan.exports import COMPILED_PREFIX, ExportError, save_export
 from hybridgan.models import build_discriminator, build_generator
 
 
@@ -110,7 +110,10 @@ def export_checkpoint(stage: str | Path, step: int | None = None, out: str | Pat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.export", description=__doc__.split("\n\n")[0])
+    parser = cli_parser("hybridgan.export", __doc__.split("\n\n")[0].splitlines()[0], [
+        "python -m hybridgan.export runs/paper/train-hybrid",
+        "python -m hybridgan.export runs/paper/train-pathak --step 1200",
+        "python -m hybridgan.export runs/paper/pretrain --out D.safetensors"])
     parser.add_argument("stage", type=Path, help="stage folder: runs/NAME/train-hybrid, train-pathak or pretrain")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest checkpoint)")
     parser.add_argument("--out", type=Path, help="output file (default: <stage>/<model>-step-N.safetensors)")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = export_checkpoint(args.stage, args.step, args.out)
-    except ExportCheckpointError as err:
+    except (ExportCheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)

@@ -25,8 +25,9 @@ sorted by name, subfolders not included). Outputs per photo: `<stem>_inpainted.p
 `<stem>_side_by_side.png` (masked | inpainted | original); with `--keep-names`, the fill alone under
 the input's own file name, in the format its suffix names (a JPEG output is re-compressed at quality
 95, so outside the hole it is close to, not exactly, the input; PNG stays exact). `--out` must then
-differ from every input's folder, so no photo is overwritten. A bad photo or mask is reported on one
-line and skipped; the others are still written.
+differ from every input's folder, so no photo is overwritten. Two inputs whose outputs would have
+the same name (`a/p1.png` and `b/p1.png`) are refused on one line naming both, before anything is
+written. A bad photo or mask is reported on one line and skipped; the others are still written.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from hybridgan.config import Config
+from hybridgan.config import Config, cli_parser, out_folder
 from hybridgan.data.masks import center_box
 from hybridgan.data.photo import PhotoError, open_photo
 from hybridgan.exports import ExportError, load_export
@@ -236,21 +237,52 @@ def process(model: ContextEncoder, cfg: Config, image: Path, out: Path,
     else:
         mask = default_mask(cfg, width, height)
     result = inpaint(model, photo, mask, name=str(image))
+    target = output_name(image, out, keep_names)
     if keep_names:
-        target = out / image.name
         Image.fromarray(result).save(target, quality=95)
         return target
-    target = out / f"{image.stem}_inpainted.png"
     Image.fromarray(result).save(target)
     side_by_side(photo, mask, result).save(out / f"{image.stem}_side_by_side.png")
     return target
 
 
+def output_name(image: Path, out: Path, keep_names: bool) -> Path:
+    """Where `process` writes the fill of `image` (its side-by-side goes beside it, by the same stem)."""
+    return out / image.name if keep_names else out / f"{image.stem}_inpainted.png"
+
+
+def output_clash(images: list[Path], out: Path, keep_names: bool) -> str | None:
+    """One line naming two inputs whose outputs would be the same file (compared without case, as
+    on macOS and Windows file systems), or None."""
+    seen: dict[str, Path] = {}
+    for image in images:
+        target = output_name(image, out, keep_names)
+        first = seen.setdefault(str(target).lower(), image)
+        if first is not image:
+            return (f"{first} and {image} would both be written to {target}; "
+                    f"inpaint them into different --out folders")
+    return None
+
+
+def join_box_value(argv: list[str]) -> list[str]:
+    """`--box -1,...` as `--box=-1,...`: argparse takes a value that starts with '-' for an option and
+    would answer "expected one argument" instead of the box's own error."""
+    joined = list(argv)
+    for index, item in enumerate(joined[:-1]):
+        if item == "--box":
+            joined[index:index + 2] = [f"--box={joined[index + 1]}"]
+            break
+    return joined
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.inpaint", description=__doc__.split("\n\n")[0])
+    parser = cli_parser("hybridgan.inpaint", __doc__.split("\n\n")[0].splitlines()[0], [
+        "python -m hybridgan.inpaint --generator runs/paper/train-hybrid photo.jpg --out filled/",
+        "python -m hybridgan.inpaint --generator G.safetensors a.png b.jpg --out filled/ --box 90,60,80,80",
+        "python -m hybridgan.inpaint --generator G.safetensors photos/ --out filled/ --keep-names"])
     parser.add_argument("--generator", required=True, help="train stage folder or generator .safetensors")
     parser.add_argument("images", nargs="+", type=Path, help="photos (JPEG/PNG, any size) or folders of them")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", required=True, type=out_folder, help="output folder")
     parser.add_argument("--keep-names", action="store_true",
                         help="write each fill under its input's file name (no side-by-side)")
     hole = parser.add_mutually_exclusive_group()
@@ -261,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_box_value(sys.argv[1:] if argv is None else argv))
     try:
         model, cfg = load_generator(args.generator, args.device)
     except InpaintError as err:
@@ -273,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         if clash is not None:
             print(f"error: --out {args.out} holds the input {clash}; --keep-names would overwrite it", file=sys.stderr)
             return 2
+    clash = output_clash(images, args.out, args.keep_names)
+    if clash is not None:
+        print(f"error: {clash}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for image in images:

@@ -6,6 +6,8 @@ generator worked:
 - `psnr`, `ssim`, `sharpness` on the crop of the hole's bounding box (the centre hole's box is the
   hole itself). The box is grown to at least `SSIM_WINDOW` pixels a side so that SSIM's Gaussian
   window fits; identical crops give PSNR = `PSNR_CEILING` (100 dB, instead of inf) and SSIM = 1.
+  A fill holding NaN or an infinity (a diverged generator) is a `MetricError`, never a score: no
+  metric is ever clamped from NaN into a value.
 - `l1`, `l2`: mean absolute / squared error over the hole's pixels only (all channels), on the
   [0, 1] scale, so that for a box hole `psnr == -10 * log10(l2)`.
 - `sharpness`: variance of the Laplacian of the filled crop over that of the original crop
@@ -59,6 +61,10 @@ _LUMA = torch.tensor([0.299, 0.587, 0.114])
 Box = tuple[int, int, int, int]  # top, left, height, width
 
 
+class MetricError(ValueError):
+    """Images that cannot be scored (a fill holding NaN or an infinity); the message says which."""
+
+
 def to_unit(images: Tensor) -> Tensor:
     """[-1, 1] images to [0, 1], clamped."""
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -102,7 +108,7 @@ def _per_box(fn: Callable[[Tensor, Tensor], Tensor], pred: Tensor, target: Tenso
 
 def _psnr(pred: Tensor, target: Tensor) -> Tensor:
     value = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return value.clamp(max=PSNR_CEILING).nan_to_num(PSNR_CEILING)
+    return value.clamp(max=PSNR_CEILING)  # +inf (identical crops) to the ceiling; NaN stays NaN
 
 
 def _ssim(pred: Tensor, target: Tensor) -> Tensor:
@@ -280,6 +286,10 @@ def hole_metrics(pred: Tensor, target: Tensor, mask: Tensor) -> dict[str, Tensor
         raise ValueError(f"shapes do not match: pred {tuple(pred.shape)}, target "
                          f"{tuple(target.shape)}, mask {tuple(mask.shape)}")
     pred, target, mask = pred.detach().float(), target.detach().float(), mask.detach().float()
+    bad = int((~torch.isfinite(pred)).flatten(1).any(dim=1).sum())
+    if bad:
+        raise MetricError(f"{bad} of {pred.shape[0]} fills hold NaN or an infinity (a diverged generator); "
+                          f"not scored")
     return {name: fn(pred, target, mask) for name, fn in METRICS.items()}
 
 

@@ -21,11 +21,15 @@ hash lies at a split boundary. Each split's keys, in that order, are cut into sh
 `pack.shard_size`: a shard is a fixed, independent unit of work. A val or test split that would be
 empty (too few images for the fractions, or every one of them unreadable) is an error at pack time.
 
-Restartable: `plan.json` (the shard plan) is written first; each shard is written to
-`.NAME.tmp` and renamed when complete (with `.NAME.skipped.json`, its skipped files, written just
-before); `manifest.json` is written last, atomically, with each shard's size and sha256. A re-run
-finishes the missing shards and leaves finished ones untouched; a folder holding a different plan is
-an error. `--verify` re-hashes every shard against the manifest (`hybridgan.data.manifest`).
+Restartable and verified: `plan.json` (the shard plan) is written first; each shard is written to
+`.NAME.tmp` and renamed when complete, with `.NAME.done.json` (its count, size, sha256 and skipped
+files) written just before; `manifest.json` is written last, atomically, with each shard's size and
+sha256. A re-run over the same folder re-hashes every shard it would keep against what wrote it (the
+manifest, or the shard's `.done.json` for an interrupted pack) and re-packs from the source, naming
+them, the shards that are missing, differ, or have no record of their hash (a pack whose manifest
+was lost is never adopted as it is); the shards that match are left untouched. A folder holding a
+different plan is an error. `--verify` re-hashes every shard against the manifest without writing
+(`hybridgan.data.manifest`).
 """
 
 from __future__ import annotations
@@ -38,13 +42,12 @@ import math
 import multiprocessing
 import re
 import sys
-import tarfile
 import time
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 from tqdm import tqdm
@@ -52,7 +55,7 @@ from webdataset import TarWriter
 
 import hybridgan
 from hybridgan.atomic import write_text_atomic
-from hybridgan.config import PackConfig, add_config_arguments, config_from_args
+from hybridgan.config import PackConfig, add_config_arguments, cli_parser, config_from_args
 from hybridgan.data.manifest import MANIFEST, SPLITS, ManifestError, verify_shards
 from hybridgan.data.photo import PhotoError, is_photo_name, is_plain_frame, open_photo, square_frame
 from hybridgan.data.synthetic import synthetic_face
@@ -256,15 +259,21 @@ class _Job:
     skip_bad: bool
 
 
-def _skipped_path(shard: Path) -> Path:
-    return shard.with_name(f".{shard.name}.skipped.json")
+def _record_path(shard: Path) -> Path:
+    return shard.with_name(f".{shard.name}.done.json")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def _write_shard(job: _Job) -> str:
-    """Write one shard to its temp name and its skipped files beside it, rename it when complete."""
+    """Write one shard to its temp name, then its record beside it (count, size, sha256, skipped
+    files), and rename it when complete."""
     final = Path(job.out) / job.shard["name"]
     tmp = final.with_name(f".{final.name}.tmp")
-    reader, skipped = _Reader(job.source), []
+    reader, skipped, count = _Reader(job.source), [], 0
     split = job.shard["split"]
     try:
         with open(tmp, "wb") as stream, TarWriter(stream, mtime=0.0) as writer:
@@ -279,36 +288,71 @@ def _write_shard(job: _Job) -> str:
                 meta = {"source": reader.name(ref) if job.source.kind == "synthetic" else ref,
                         "original_size": list(original), "split": split}
                 writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
+                count += 1
     finally:
         reader.close()
-    _write_json_atomic(_skipped_path(final), skipped)
+    record = {"name": final.name, "split": split, "count": count, "size": tmp.stat().st_size,
+              "sha256": _sha256(tmp), "skipped_files": skipped}
+    _write_json_atomic(_record_path(final), record)
     tmp.replace(final)
     return final.name
 
 
-def _shard_summary(path: Path, split: str) -> dict[str, Any]:
-    with tarfile.open(path) as tar:
-        count = sum(1 for m in tar.getmembers() if m.name.endswith(".jpg"))
-    with open(path, "rb") as stream:
-        digest = hashlib.file_digest(stream, "sha256").hexdigest()
-    return {"name": path.name, "split": split, "count": count, "size": path.stat().st_size, "sha256": digest}
-
-
-def _shard_skipped(out: Path, shard: dict[str, Any], count: int) -> list[dict[str, str]]:
-    """The files a finished shard skipped, as `_write_shard` recorded them."""
+def _read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (then nothing it says is trusted)."""
     try:
-        return json.loads(_skipped_path(out / shard["name"]).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        if count == len(shard["keys"]):
-            return []
-        raise PackError(f"{out / shard['name']}: holds {count} of {len(shard['keys'])} planned images and "
-                        f"its list of skipped files is missing; delete the shard and re-run") from None
+        return None
 
 
-def _build_manifest(out: Path, plan: dict[str, Any], source: Source) -> dict[str, Any]:
-    shards = [_shard_summary(out / s["name"], s["split"]) for s in plan["shards"]]
+def _expected_records(out: Path, plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What wrote each finished shard says it holds (count, size, sha256, skipped files): its entry in
+    `manifest.json` (skipped files by the plan's refs), else its `.done.json`; shards with neither are absent."""
+    manifest = _read_json(out / MANIFEST)
+    records = {}
+    if isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
+        entries = {entry.get("name"): entry for entry in manifest["shards"] if isinstance(entry, dict)}
+        skipped = manifest.get("skipped_files", [])
+        for shard in plan["shards"]:
+            if shard["name"] in entries:
+                refs = set(shard["refs"])
+                records[shard["name"]] = {**entries[shard["name"]],
+                                          "skipped_files": [f for f in skipped if f.get("file") in refs]}
+    for shard in plan["shards"]:
+        record = _read_json(_record_path(out / shard["name"]))
+        if shard["name"] not in records and isinstance(record, dict):
+            records[shard["name"]] = record
+    return records
+
+
+def _verified_shards(out: Path, plan: dict[str, Any], say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The records of the finished shards whose size and sha256 match what wrote them; every other
+    finished shard is named through `say` and will be re-packed from the source."""
+    records = _expected_records(out, plan)
+    good = {}
+    for shard in plan["shards"]:
+        path, record = out / shard["name"], records.get(shard["name"])
+        if not path.is_file():
+            continue
+        if record is None:
+            problem = f"no record of its sha256 (no {MANIFEST} entry nor {_record_path(path).name})"
+        elif path.stat().st_size != record.get("size"):
+            problem = f"{path.stat().st_size} bytes, {record.get('size')} written"
+        elif _sha256(path) != record.get("sha256"):
+            problem = "its sha256 differs from the one written"
+        else:
+            good[shard["name"]] = record
+            continue
+        say(f"{path}: {problem}; re-packing it from the source")
+    return good
+
+
+def _build_manifest(plan: dict[str, Any], source: Source, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    shards = [{key: records[s["name"]][key] for key in ("name", "split", "count", "size", "sha256")}
+              for s in plan["shards"]]
     counts = {split: sum(s["count"] for s in shards if s["split"] == split) for split in SPLITS}
-    skipped = [f for s, summary in zip(plan["shards"], shards) for f in _shard_skipped(out, s, summary["count"])]
+    skipped = [f for s in plan["shards"] for f in records[s["name"]]["skipped_files"]]
     _check_split_sizes(counts, f"the {sum(counts.values())} readable images of {plan['source']} "
                                f"({len(skipped)} skipped)")
     return {"format": 1, "version": hybridgan.__version__, "source": plan["source"],
@@ -328,24 +372,28 @@ def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[str]:
 
 
 def pack(source: str, out: Path, cfg: PackConfig, workers: int | None = None,
-         skip_bad: bool = False) -> dict[str, Any]:
-    """Pack `source` into `out` (resuming an interrupted pack of the same plan); the manifest."""
+         skip_bad: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Pack `source` into `out`: the manifest. Over an earlier pack of the same plan (finished or
+    interrupted), every shard is verified and only the missing or damaged ones (named through `say`)
+    are written again."""
     out = Path(out)
     src = _open_source(source)
     plan = make_plan(src, cfg)
     _prepare_out(out, plan)
-    if (out / MANIFEST).is_file():
+    records = _verified_shards(out, plan, say)
+    pending = [s for s in plan["shards"] if s["name"] not in records]
+    if not pending and (out / MANIFEST).is_file():
         return json.loads((out / MANIFEST).read_text())
-    pending = [s for s in plan["shards"] if not (out / s["name"]).is_file()]
     jobs = [_Job(src, s, str(out), cfg.source_size, cfg.jpeg_quality, skip_bad) for s in pending]
     sizes = {s["name"]: len(s["keys"]) for s in pending}
     with tqdm(total=sum(sizes.values()), unit="img", desc=f"pack {out.name}", disable=None) as bar:
         for name in _run_jobs(jobs, workers if workers is not None else cfg.workers):
             bar.update(sizes[name])
-    manifest = _build_manifest(out, plan, src)
+            records[name] = _read_json(_record_path(out / name))
+    manifest = _build_manifest(plan, src, records)
     _write_json_atomic(out / MANIFEST, manifest)
     for shard in plan["shards"]:
-        _skipped_path(out / shard["name"]).unlink(missing_ok=True)
+        _record_path(out / shard["name"]).unlink(missing_ok=True)
     return manifest
 
 
@@ -386,7 +434,10 @@ def _verify(shards_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybridgan.pack", description=__doc__.splitlines()[0])
+    parser = cli_parser("hybridgan.pack", __doc__.splitlines()[0], [
+        "python -m hybridgan.pack /data/celeba-hq.zip --out shards/celeba-hq --config configs/paper.yaml",
+        "python -m hybridgan.pack synthetic:2000 --out shards/synthetic",
+        "python -m hybridgan.pack --verify shards/celeba-hq"])
     parser.add_argument("source", nargs="?", help="folder of images, a .zip of one, or synthetic:N")
     parser.add_argument("--out", type=Path, help="output folder, e.g. shards/NAME")
     parser.add_argument("--workers", type=int, default=None, help="processes (default pack.workers)")

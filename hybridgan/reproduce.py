@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from hybridgan.atomic import write_text_atomic
-from hybridgan.config import Config, add_config_arguments, config_from_args, save_config
+from hybridgan.config import Config, add_config_arguments, cli_parser, config_from_args, save_config
 from hybridgan.data.manifest import MANIFEST
 from hybridgan.pretrain import EXPORT_NAME as DISCRIMINATOR_EXPORT
 from hybridgan.report import markdown_table, table1, table2
@@ -37,8 +37,9 @@ def stage_commands(cfg_path: Path, cfg: Config, launcher: list[str]) -> list[tup
     """(name, command, file that makes it unnecessary) of every stage in chain order.
 
     Only pack can be unnecessary: without `data.source`, when the shards folder holds a finished
-    pack. With a source it runs: on a finished identical pack it only checks the plan, and on a
-    folder holding a different pack it is the stage that says so.
+    pack. With a source it runs: on a finished identical pack it checks the plan and re-hashes every
+    shard (re-packing a damaged one), and on a folder holding a different pack it is the stage that
+    says so.
     """
     folder = run_folder(cfg)
     base = ["--config", str(cfg_path)]
@@ -119,7 +120,10 @@ def write_report(cfg: Config, timings: list[tuple[str, str]]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser("hybridgan.reproduce", __doc__.splitlines()[0], [
+        "python -m hybridgan.reproduce --config configs/smoke-cpu.yaml",
+        "python -m hybridgan.reproduce --config configs/paper.yaml --data /data/celeba-hq.zip",
+        "python -m hybridgan.reproduce --config configs/paper.yaml --launcher 'accelerate launch --num_processes 8'"])
     add_config_arguments(parser)
     parser.add_argument("--data", help="images to pack: a folder, a .zip or synthetic:N (default: data.source)")
     parser.add_argument("--launcher", default=sys.executable,

@@ -4,8 +4,9 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 - the Accelerator (CPU, one or many GPUs, many nodes, DeepSpeed: whatever `accelerate launch` set up;
   `mixed_precision` from the stage config),
 - the stage folder's lock (`hybridgan.lock`): a second process on a busy folder is refused at once,
-- the resolved config (`config.yaml`; a re-run that changes the experiment is refused, naming the
-  keys; scheduling settings and a longer run are accepted and written back),
+- the resolved config (`config.yaml`, written with the first checkpoint, so that a stage that fails
+  before it pins nothing; a re-run that changes the experiment is refused, naming the keys;
+  scheduling settings and a longer run are accepted and written back),
 - the global batch: `batch_size` images per optimiser step on any world size, `batch_size_per_rank`
   on each rank,
 - resume: re-running the same command loads the newest intact checkpoint and continues from its
@@ -14,15 +15,15 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
   SIGINT, then exit code 75 so that a scheduler requeues and the re-run resumes), keeping the last
   `keep_checkpoints`, written in the background (`checkpoint_async`, `hybridgan.checkpoint`),
 - evaluation every `eval_every` steps or `eval_every_minutes`,
-- the NaN guard: a non-finite loss stops the run with one line naming the step and the loss, and
-  the last good checkpoint stays the latest,
+- the NaN guard: a non-finite loss, gradient norm, weight or buffer (BatchNorm's running statistics)
+  stops the run with one line naming the step and the value, before any checkpoint or export of it,
+  and the last good checkpoint stays the latest,
 - rank-0-only metrics (`metrics.jsonl`, TensorBoard) and the progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -42,17 +43,20 @@ if not torch.cuda.is_available():
 from accelerate import Accelerator
 from accelerate.utils import (DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, broadcast_object_list,
                               set_seed)
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from hybridgan.atomic import write_text_atomic
 from hybridgan.checkpoint import CheckpointError, CheckpointManager, any_rank
-from hybridgan.config import (Config, StageConfig, add_config_arguments, config_from_args, save_config, scaled_lr,
-                              to_yaml)
+from hybridgan.config import (Config, StageConfig, add_config_arguments, cli_parser, config_from_args, save_config,
+                              scaled_lr, to_yaml)
 from hybridgan.devices import resolve_mixed_precision, use_channels_last
+from hybridgan.exports import non_finite
 from hybridgan.host_memory import keep_freed_memory
 from hybridgan.lock import StageBusyError, StageLock
-from hybridgan.tracking import MetricsLogger
+from hybridgan.tracking import MetricsLogger, append_record, set_aside_torn_line
 
 EXIT_REQUEUE = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): not done, re-run to resume."""
@@ -69,6 +73,9 @@ RESCHEDULABLE = ("log_every", "checkpoint_every", "checkpoint_every_minutes", "c
 
 RESCHEDULABLE_DATA = ("data.workers", "data.resident")
 """Data keys that a resume may change: how the same batches are made, not which."""
+
+ONE_RUN = ("run.restart_damaged",)
+"""Keys that instruct one run rather than describe the experiment: never compared on resume."""
 
 LENGTHS = ("epochs", "max_steps")
 """Stage keys that a resume may raise (a longer run), never lower."""
@@ -144,9 +151,12 @@ class TrainingSession:
         self._lock = StageLock(self.dir)
         self._stop_signal: int | None = None
         self._pending_losses: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self._models: dict[str, torch.nn.Module] = {}
+        self._grad_norms: list[tuple[int, str, torch.Tensor]] = []  # (step, model name, norm) since the last flush
         self._bar: tqdm | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._last_checkpoint_step = -1
+        self._config_pending = False  # the main process writes config.yaml with the first checkpoint
         self._checkpointed_at = self._evaluated_at = 0.0  # the main process's `clock()`
         self._lock_stage()
         try:
@@ -178,6 +188,7 @@ class TrainingSession:
         if self.uses_deepspeed and len(self.accelerator.state.deepspeed_plugins or {}) > 1:
             self.accelerator.state.select_deepspeed_plugin(name)
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        self._models[name] = model
         if self.uses_deepspeed:
             dtype = next(model.module.parameters()).dtype
             if dtype != torch.float32:
@@ -191,7 +202,9 @@ class TrainingSession:
         """Backward and step of one model: through its own engine under DeepSpeed (Accelerate's
         `backward` drives only the last engine prepared; the engine clips as its config says), else
         zero_grad, `accelerator.backward`, clipping to `grad_clip` when set, step. The learning rate
-        follows `warmup_lr` (a function of the step alone, so a resumed run steps alike)."""
+        follows `warmup_lr` (a function of the step alone, so a resumed run steps alike). The gradient
+        norm (the clipping's, or computed on the device without a sync) is checked at the next flush;
+        not under fp16's loss scaling, whose scaler skips the steps with non-finite gradients."""
         lr = warmup_lr(self.stage_cfg, self.state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -202,7 +215,12 @@ class TrainingSession:
         optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if self.stage_cfg.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.stage_cfg.grad_clip)
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), self.stage_cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if self.accelerator.scaler is None:
+            name = next((key for key, prepared in self._models.items() if prepared is model), "model")
+            self._grad_norms.append((self.state.step + 1, name, norm.detach()))
         optimizer.step()
 
     @property
@@ -229,18 +247,18 @@ class TrainingSession:
         """Every rank compares with the folder's config (so that all of them stop on a mismatch;
         the other stage's and evaluation's settings do not count). Keys that change the experiment
         are refused by name; scheduling keys (`RESCHEDULABLE`, `RESCHEDULABLE_DATA`) and a longer run
-        (`LENGTHS` raised) are accepted, printed once and written into the folder's config. The main
-        process writes the config when the folder has none. A key the folder's config lacks (it was
-        written by a version without that key) reads as the key's default, which is what that
-        version did."""
+        (`LENGTHS` raised) are accepted, printed once and written into the folder's config. When the
+        folder has none, the main process writes it with the first checkpoint (`checkpoint`): a
+        stage that fails before that (a wrong path, a bad batch) leaves no config that would refuse
+        the corrected command. A key the folder's config lacks (it was written by a version without
+        that key) reads as the key's default, which is what that version did."""
         path = self.dir / "config.yaml"
         if not path.is_file():
-            if self.is_main:
-                save_config(self.cfg, path)
+            self._config_pending = self.is_main
             return
-        old = OmegaConf.merge(OmegaConf.create(to_yaml(Config())), OmegaConf.create(path.read_text()))
+        old = _read_run_config(path)
         new = OmegaConf.create(to_yaml(self.cfg))
-        other_stages = ("eval.", "train." if self.stage_key == "pretrain" else "pretrain.")
+        other_stages = ("eval.", "train." if self.stage_key == "pretrain" else "pretrain.", *ONE_RUN)
         changed = [key for key in _changed_keys(OmegaConf.to_container(old), OmegaConf.to_container(new))
                    if not key.startswith(other_stages)]
         accepted = [key for key in changed if self._may_change_on_resume(key, OmegaConf.select(old, key),
@@ -309,7 +327,7 @@ class TrainingSession:
         problem, name = None, None
         if self.is_main:
             try:
-                found = self.checkpoints.find_resume_point(self.print)
+                found = self.checkpoints.find_resume_point(self.print, self.cfg.run.restart_damaged)
                 name = found.name if found else None
             except (CheckpointError, OSError) as err:
                 problem = str(err)
@@ -345,8 +363,8 @@ class TrainingSession:
                   "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                   "start_step": self.state.step, "total_steps": self.total_steps,
                   "resumed_from": resumed_from}
-        with (self.dir / "launches.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        set_aside_torn_line(self.dir / "launches.jsonl", self.print)
+        append_record(self.dir / "launches.jsonl", record)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
@@ -386,7 +404,7 @@ class TrainingSession:
         stop, checkpoint_time, eval_time = self._agree_on_signals_and_clock()
         checkpoint_due = _every(step, every.checkpoint_every) or checkpoint_time or epoch_done or stop
         eval_due = self._on_eval is not None and (_every(step, every.eval_every) or eval_time)
-        if step % every.log_every == 0 or checkpoint_due:
+        if step % every.log_every == 0 or checkpoint_due or eval_due:
             self.flush_losses(epoch)
         if eval_due:
             self._on_eval()
@@ -404,7 +422,8 @@ class TrainingSession:
 
     def flush_losses(self, epoch: int) -> dict[str, float]:
         """Read back the losses since the last flush (means over ranks: all ranks call it at the same
-        step) and log their means; raise TrainingError on the first non-finite one.
+        step) and log their means; raise TrainingError on the first non-finite one, then on a
+        non-finite gradient norm since the last flush or weight or buffer now (`_check_finite_state`).
 
         `epoch` is 0-based here as everywhere in the code; records in metrics.jsonl count from 1.
         """
@@ -419,19 +438,43 @@ class TrainingSession:
         if self.world_size > 1:  # log each step's mean over ranks; a non-finite loss anywhere spreads
             stacked = self.accelerator.reduce(stacked.to(self.device), reduction="sum").cpu() / self.world_size
         if not bool(torch.isfinite(stacked).all()):
-            self.close()
-            latest = self.checkpoints.latest()
-            kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
             if bool(finite.all()):
-                raise TrainingError(f"steps {steps[0]}-{steps[-1]}: another rank saw a non-finite loss; "
-                                    f"stopped, {kept}")
+                self._stop_non_finite(f"steps {steps[0]}-{steps[-1]}: another rank saw a non-finite loss")
             row, col = (~finite).nonzero()[0].tolist()
-            raise TrainingError(f"step {steps[row]}: {names[col]} is {stacked[row, col].item()}; stopped, {kept}")
+            self._stop_non_finite(f"step {steps[row]}: {names[col]} is {stacked[row, col].item()}")
+        self._check_finite_state()
         means = dict(zip(names, stacked.mean(dim=0).tolist()))
         self.logger.scalars("train", steps[-1], epoch + 1, means)
         if self._bar is not None:
             self._bar.set_postfix({n: f"{v:.4f}" for n, v in means.items()}, refresh=False)
         return means
+
+    def _check_finite_state(self) -> None:
+        """TrainingError (on every rank, after `close`) when a gradient norm since the last flush, or
+        a weight or buffer of a model now (BatchNorm's running statistics too, which no loss shows),
+        holds NaN or an infinity. Per-tensor flags, one host-device sync."""
+        norms, self._grad_norms = self._grad_norms, []
+        problem = None
+        if norms:
+            finite = torch.isfinite(torch.stack([norm.float() for _, _, norm in norms])).cpu()
+            if not bool(finite.all()):
+                step, name, norm = norms[int((~finite).nonzero()[0])]
+                problem = f"step {step}: the gradient norm of {name} is {norm.item()}"
+        if problem is None:
+            bad = non_finite((f"{name}.{key}", tensor) for name, model in self._models.items()
+                             for key, tensor in self.accelerator.unwrap_model(model).state_dict().items())
+            if bad is not None:
+                problem = f"step {self.state.step}: {bad} holds NaN or an infinity"
+        if any_rank(self.accelerator, problem is not None)[0]:
+            self._stop_non_finite(problem or f"step {self.state.step}: another rank saw a non-finite gradient "
+                                             f"norm, weight or buffer")
+
+    def _stop_non_finite(self, what: str) -> None:
+        """Close the session and raise TrainingError: `what`, and the checkpoint that is kept."""
+        self.close()
+        latest = self.checkpoints.latest()
+        kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
+        raise TrainingError(f"{what}; stopped, {kept}")
 
     def _fold_epoch_sums(self) -> None:
         """Add the mean over ranks of the ranks' own loss sums to `state.epoch_sums` (all ranks)."""
@@ -486,6 +529,9 @@ class TrainingSession:
         """
         if self._last_checkpoint_step == self.state.step:
             return
+        if self._config_pending:
+            save_config(self.cfg, self.dir / "config.yaml")
+            self._config_pending = False
         self._fold_epoch_sums()
         try:
             self.checkpoints.save(self.state.step, {"world_size": self.world_size,
@@ -522,6 +568,20 @@ class TrainingSession:
         """Final checkpoint (if the last step has none yet) and close."""
         self.checkpoint()
         self.close()
+
+
+def _read_run_config(path: Path) -> DictConfig:
+    """A run folder's `config.yaml` over the schema's defaults; TrainingError naming the file when it
+    is not YAML or not a mapping of the schema's keys."""
+    try:
+        saved = OmegaConf.create(path.read_text())
+        if not isinstance(saved, DictConfig):
+            raise ValueError(f"holds a {type(saved).__name__.removesuffix('Config').lower()}, not a mapping of keys")
+        return OmegaConf.merge(OmegaConf.create(to_yaml(Config())), saved)
+    except (ValueError, OmegaConfBaseException, yaml.YAMLError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"{path}: not a readable run config ({reason}); restore it, or move the run folder "
+                            f"away to start it again") from None
 
 
 def _every(step: int, steps: int) -> bool:
@@ -621,10 +681,22 @@ def run_stage(session: TrainingSession, steps_per_epoch: int,
         session.end_step(epoch, step(batch))
 
 
+STAGE_EXAMPLES = {
+    "hybridgan.pretrain": ["python -m hybridgan.pretrain --config configs/paper.yaml",
+                           "python -m hybridgan.pretrain --config configs/smoke-cpu.yaml pretrain.max_steps=20"],
+    "hybridgan.train": ["python -m hybridgan.train --config configs/paper.yaml",
+                        "python -m hybridgan.train --config configs/paper.yaml discriminator.kind=pathak",
+                        "python -m hybridgan.train --config configs/smoke-cpu.yaml train.epochs=1"],
+}
+"""What the --help of each stage's command line ends with: commands as typed."""
+
+
 def run_stage_cli(stage: Callable[[Config], Any], description: str, argv: list[str] | None = None) -> None:
     """A stage's command line (`--config FILE` and `key=value` overrides): run it, and print a known
     failure as one line on stderr with exit code 1. Set HYBRIDGAN_DEBUG=1 for the full traceback."""
-    parser = argparse.ArgumentParser(description=description)
+    spec = sys.modules[stage.__module__].__spec__  # under `python -m`, the module is __main__
+    module = spec.name if spec is not None else stage.__module__
+    parser = cli_parser(module, description, STAGE_EXAMPLES.get(module, []))
     add_config_arguments(parser)
     cfg = config_from_args(parser.parse_args(argv))
     try:

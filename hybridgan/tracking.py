@@ -5,6 +5,11 @@ scalars go to TensorBoard as `<split>/<name>`. On resume from step N, records af
 will be trained again) are dropped from `metrics.jsonl`, saying how many, and TensorBoard purges
 them likewise, so every number in the run folder belongs to the weights that the checkpoints hold.
 Nothing else is ever removed: records up to N stay.
+
+Append-only JSON-lines files (`metrics.jsonl`, `launches.jsonl`) are appended one whole line per
+write; a crash mid-write can leave a last line without its newline, which the next record would be
+glued onto. `set_aside_torn_line`, called before a run appends to such a file, moves that line into
+`NAME.torn-K` (naming it), so the file goes on with whole records only.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class MetricsLogger:
         if not enabled:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
+        set_aside_torn_line(self.path, say)
         self._drop_records_after(resume_step, say)
         purge = resume_step + 1 if resume_step > 0 else None
         self.writer = SummaryWriter(log_dir=str(stage_dir / "tb"), purge_step=purge)
@@ -54,8 +60,7 @@ class MetricsLogger:
             return
         record: dict[str, Any] = {"step": step, "epoch": epoch, "split": split}
         record.update({name: _json_number(value) for name, value in values.items()})
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_record(self.path, record)
         assert self.writer is not None
         for name, value in values.items():
             self.writer.add_scalar(f"{split}/{name}", value, step)
@@ -69,6 +74,38 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append `record` to a JSON-lines file as one line, in one write."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def set_aside_torn_line(path: Path, say: Callable[[str], None] = print) -> Path | None:
+    """Make a JSON-lines file end with a whole line before anything is appended to it: a last line
+    without its newline (a crash mid-write) is completed when it is a whole JSON record, else moved
+    into `NAME.torn-K` (the first free K), named through `say`; returns that file or None."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+    except ValueError:
+        pass
+    else:
+        with path.open("ab") as handle:
+            handle.write(b"\n")
+        return None
+    aside = next(candidate for k in range(1, 1 << 20)
+                 if not (candidate := path.with_name(f"{path.name}.torn-{k}")).exists())
+    aside.write_bytes(data[cut:])
+    write_text_atomic(path, data[:cut].decode())
+    say(f"{path}: its last line was cut mid-write (a crash); moved to {aside.name}, the run goes on")
+    return aside
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

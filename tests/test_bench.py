@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, tiny_args, tiny_config
 from hybridgan import bench
 from hybridgan.bench import PAPER_IMAGES_PER_S, main, peak_flops
+from hybridgan.devices import cpu_has_fast_bf16
 from hybridgan.models import model_summary
 from hybridgan.models.pathak import PathakDiscriminator
 
@@ -54,12 +55,14 @@ def _check_machine(figures: dict) -> None:
     for when in ("before", "after"):
         rates = machine[when]
         assert (rates["threads"], rates["matmul_size"], rates["conv3x3_shape"]) == (1, 128, [1, 256, 32, 32])
-        keys = [f"matmul_{p}_gflops" for p in ("fp32", "bf16")] + [
-            f"conv3x3_{p}_{layout}_gflops" for p in ("fp32", "bf16") for layout in ("nchw", "channels_last")]
+        timed = rates["precisions"]
+        assert timed == (["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"])
+        keys = [f"matmul_{p}_gflops" for p in timed] + [
+            f"conv3x3_{p}_{layout}_gflops" for p in timed for layout in ("nchw", "channels_last")]
         assert all(0.1 < rates[key] < 100_000 for key in keys), rates  # a CPU thread: GFLOP/s, not FLOP/s or TFLOP/s
         best = rates["best_matmul_precision"]
         assert rates["best_matmul_gflops"] == rates[f"matmul_{best}_gflops"] == max(
-            rates["matmul_fp32_gflops"], rates["matmul_bf16_gflops"])
+            rates[f"matmul_{p}_gflops"] for p in timed)
     assert machine["best_matmul_gflops"] == max(machine["before"]["best_matmul_gflops"],
                                                 machine["after"]["best_matmul_gflops"])
     assert figures["achieved_gflops"] == pytest.approx(1000 * figures["achieved_tflops"], abs=0.1)
@@ -155,3 +158,15 @@ def test_gpu_script_refuses_to_run_without_a_gpu(tmp_path):
                                         ("AMD EPYC (2 cores)", "amd-epyc-2-cores")])
 def test_device_slug_names_the_results_file(name, slug):
     assert bench.device_slug(name) == slug
+
+
+def test_machine_rates_time_only_the_precisions_the_device_runs_natively(monkeypatch):
+    from hybridgan import devices
+
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU: bf16 is emulated
+    timed = []
+    monkeypatch.setattr(bench, "_best_seconds", lambda fn, repeats, sync: timed.append(fn()) or 1e-3)
+    rates = bench.machine_rates(torch.device("cpu"), 64, repeats=1)
+    assert rates["precisions"] == ["fp32"] and rates["best_matmul_precision"] == "fp32"
+    assert all(result.dtype == torch.float32 for result in timed) and len(timed) == 3
+    assert rates["matmul_bf16_gflops"] is None and rates["conv3x3_bf16_channels_last_gflops"] is None

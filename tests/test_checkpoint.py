@@ -192,3 +192,46 @@ def test_background_and_synchronous_saves_write_the_same_files(tmp_path):
         manifests.append(json.loads((path / "manifest.json").read_text())["files"])
     assert manifests[0] == manifests[1]
     assert {entry["name"] for entry in manifests[0]} == {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}
+
+
+def test_a_checkpoint_without_its_manifest_is_damaged_and_moved_aside(saved):
+    manager, model = saved
+    newest = manager.dir / "step-00000006"
+    (newest / "manifest.json").unlink()
+    from safetensors.torch import load_file, save_file
+    weights = load_file(str(newest / "model.safetensors"))
+    save_file({k: torch.full_like(v, 1e30) for k, v in weights.items()}, str(newest / "model.safetensors"))
+    name, said, weight = _resume(manager, model)
+    assert (name, weight) == ("step-00000003", 3.0)
+    assert said == [f"{newest}: damaged (manifest.json is missing); moved to damaged-step-00000006"]
+    assert (manager.dir / "damaged-step-00000006" / "model.safetensors").is_file()
+
+
+def test_every_checkpoint_damaged_stays_an_error_on_every_rerun_until_the_named_key(saved):
+    manager, _ = saved
+    for step in (3, 6):
+        os.truncate(manager.dir / f"step-{step:08d}" / "model.safetensors", 10)
+    for _ in range(2):  # the second run finds no step-* at all, only the damaged ones moved aside
+        with pytest.raises(CheckpointError) as err:
+            manager.find_resume_point(lambda line: None)
+        assert str(err.value) == (f"{manager.dir}: no intact checkpoint left (damaged-step-00000003, "
+                                  f"damaged-step-00000006 are damaged and kept); restore one, or pass "
+                                  f"run.restart_damaged=true to start the stage again from step 0")
+    said: list[str] = []
+    assert manager.find_resume_point(said.append, restart_damaged=True) is None
+    assert said == [f"{manager.dir}: no intact checkpoint (damaged-step-00000003, damaged-step-00000006 are "
+                    f"damaged and kept); run.restart_damaged=true: starting the stage again from step 0"]
+    assert sorted(p.name for p in manager.dir.glob("damaged-*")) == ["damaged-step-00000003", "damaged-step-00000006"]
+
+
+def test_a_checkpoint_damaged_twice_under_one_name_keeps_both(saved):
+    manager, model = saved
+    os.truncate(manager.dir / "step-00000006" / "model.safetensors", 10)
+    manager.find_resume_point(lambda line: None)
+    manager.save(6, {"world_size": 1, "batch_size_per_rank": 8})
+    manager.wait()
+    os.truncate(manager.dir / "step-00000006" / "optimizer.bin", 10)
+    said: list[str] = []
+    assert manager.find_resume_point(said.append).name == "step-00000003"
+    assert said[-1].endswith("moved to damaged-step-00000006-2")
+    assert (manager.dir / "damaged-step-00000006" / "model.safetensors").stat().st_size == 10

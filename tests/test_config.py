@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridgan.config import (Config, ConfigError, add_config_arguments, config_from_args,
+from hybridgan.config import (Config, ConfigError, _numbers, add_config_arguments, config_from_args,
                               load_config, save_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,3 +135,37 @@ def test_batch_size_is_the_global_batch_with_lr_as_given_and_no_clipping_by_defa
     paper = load_config(REPO / "configs/paper.yaml")
     for stage in (paper.pretrain, paper.train):
         assert (stage.batch_size, stage.lr_scaling, stage.reference_batch_size, stage.grad_clip) == (16, "none", 16, 0)
+
+
+FLOAT_KEYS = [key for key, value in _numbers(Config()) if isinstance(value, float) and "[" not in key]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_key_of_the_schema_refuses_nan_and_infinity_by_name(value):
+    assert {"train.lr", "loss.alpha", "loss.overlap_weight", "train.grad_clip",
+            "train.checkpoint_every_minutes"} <= set(FLOAT_KEYS)
+    for key in FLOAT_KEYS:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{key}={value}"])
+        assert _one_line(err) == f"{key}={float(value)!r} must be a finite number"
+    with pytest.raises(ConfigError, match=r"^train.betas\[1\]=nan must be a finite number$"):
+        load_config(None, ["train.betas=[0.5,nan]"])
+
+
+@pytest.mark.parametrize("text, why", [
+    ("- run\n- train\n", "holds a list, expected a mapping of keys"),
+    ("", "empty config file (no keys)"),
+    ("# only a comment\n", "empty config file (no keys)"),
+])
+def test_a_yaml_file_that_is_not_a_mapping_of_keys_is_one_line_naming_it(tmp_path, text, why):
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert _one_line(err).startswith(f"{path}: {why}")
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_out_of_numpys_range_names_the_key(seed):
+    with pytest.raises(ConfigError, match=f"^run.seed={seed} must be"):
+        load_config(None, [f"run.seed={seed}"])

@@ -185,3 +185,54 @@ def test_export_from_a_checkpoint_mid_run(workdir, capsys):
     fake_checkpoint(wrong, 5, early, load_config(None, TINY[:-1] + ["generator.bottleneck=16"]))
     assert export_main([str(wrong)]) == 2
     assert "weights do not fit the generator of" in capsys.readouterr().err
+
+
+def test_a_generator_with_non_finite_weights_or_buffers_is_refused_naming_the_tensor(workdir, capsys):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    from hybridgan.exports import ExportError
+
+    source = workdir / "runs/tiny/train-hybrid/generator.safetensors"
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(str(source))
+    buffer = next(name for name in state if name.endswith("running_var"))
+    state[buffer] = torch.full_like(state[buffer], float("inf"))  # what lr=1e10 left in an export
+    diverged = workdir / "diverged.safetensors"
+    save_file(state, str(diverged), metadata=metadata)
+    assert main(["--generator", str(diverged), str(workdir / "face.png"), "--out", str(workdir / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {diverged}: tensor {buffer} holds NaN or an infinity (a diverged model); "
+                   f"it cannot give a meaningful fill")
+    assert not (workdir / "x").exists()
+    with pytest.raises(ExportError, match=f"tensor {buffer} holds NaN or an infinity"):
+        save_export(state, workdir / "never.safetensors", load_config(None, TINY), "generator")
+    assert not (workdir / "never.safetensors").exists()
+
+
+def test_two_inputs_with_one_output_name_are_refused_naming_both(workdir, capsys):
+    for folder in ("a", "b"):
+        (workdir / folder).mkdir(exist_ok=True)
+        (workdir / folder / "p1.png").write_bytes((workdir / "face.png").read_bytes())
+    out = workdir / "out-clash"
+    gen = str(workdir / "runs/tiny/train-hybrid")
+    assert main(["--generator", gen, str(workdir / "a/p1.png"), str(workdir / "b/p1.png"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {workdir / 'a/p1.png'} and {workdir / 'b/p1.png'} would both be written to "
+        f"{out / 'p1_inpainted.png'}; inpaint them into different --out folders")
+    assert not out.exists()
+    assert main(["--generator", gen, str(workdir / "a"), str(workdir / "b"), "--out", str(out), "--keep-names"]) == 2
+    assert "would both be written to" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_and_a_negative_box_are_one_line_each(workdir, capsys):
+    gen = str(workdir / "runs/tiny/train-hybrid")
+    with pytest.raises(SystemExit):
+        main(["--generator", gen, str(workdir / "face.png"), "--out", str(workdir / "face.png")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"argument --out: {workdir / 'face.png'} is an existing file, not a folder")
+    with pytest.raises(SystemExit):
+        main(["--generator", gen, str(workdir / "face.png"), "--out", str(workdir / "x"), "--box", "-1,2,30,30"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("argument --box: --box '-1,2,30,30': need TOP, LEFT >= 0 and H, W > 0")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridgan.metrics import (
-    METRICS, PSNR_CEILING, HoleMetrics, hole_box, hole_metrics, mean_fill,
+    METRICS, PSNR_CEILING, HoleMetrics, MetricError, _psnr, hole_box, hole_metrics, mean_fill, to_unit,
 )
 from hybridgan.report import (
     ReportError, bootstrap_interval, markdown_table, paired_differences, read_metrics, sharper_at_equal_psnr,
@@ -300,3 +300,17 @@ def test_paired_differences_and_the_verdict():
     assert verdict.startswith("The PSNRs are not equal") and " is blurrier than " in verdict
     with pytest.raises(ReportError, match="metric psnr: 3 faces against 200"):
         paired_differences({"psnr": [1, 2, 3]}, pathak, 0)
+
+
+def test_a_fill_with_nan_or_infinity_is_an_error_never_a_score():
+    image, mask = faces(), centre_mask(4, 32, 16)
+    for bad in (float("nan"), float("inf")):
+        fill = image.clone()
+        fill[1, 0, 12, 12] = bad
+        with pytest.raises(MetricError, match="^1 of 4 fills hold NaN or an infinity"):
+            hole_metrics(fill, image, mask)
+    crop = to_unit(image)[:, :, 8:24, 8:24]
+    poisoned = crop.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    psnr = _psnr(poisoned, crop)  # was nan_to_num'd into the 100 dB ceiling
+    assert math.isnan(psnr[0]) and torch.equal(psnr[1:], torch.full((3,), PSNR_CEILING))

@@ -331,3 +331,42 @@ def test_empty_val_or_test_split_is_refused_at_pack_time(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(PackError, match="empty val and test split.*pack.val_fraction and pack.test_fraction"):
         pack("synthetic:5", tmp_path / "out", PackConfig(val_fraction=0.0, test_fraction=0.0))
+
+
+def _flip_a_byte_inside(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x55  # inside a JPEG: same size, wrong pixels
+    shard.write_bytes(bytes(data))
+
+
+def test_a_rerun_verifies_every_shard_and_repacks_the_damaged_ones_naming_them(tmp_path):
+    cfg = PackConfig(shard_size=10, val_fraction=0.1, test_fraction=0.1)
+    out = tmp_path / "p"
+    first = pack("synthetic:60", out, cfg, workers=1)
+    intact = {p.name: (p.stat().st_mtime_ns, _sha(p)) for p in out.glob("*.tar")}
+    _flip_a_byte_inside(out / "train-000001.tar")
+    size = (out / "train-000002.tar").stat().st_size
+    with open(out / "train-000002.tar", "r+b") as handle:
+        handle.truncate(1000)
+    said: list[str] = []
+    assert pack("synthetic:60", out, cfg, workers=1, say=said.append) == first
+    assert said == [f"{out / 'train-000001.tar'}: its sha256 differs from the one written; re-packing it from the source",
+                    f"{out / 'train-000002.tar'}: 1000 bytes, {size} written; re-packing it from the source"]
+    for name, (mtime, digest) in intact.items():
+        assert _sha(out / name) == digest
+        if name not in ("train-000001.tar", "train-000002.tar"):
+            assert (out / name).stat().st_mtime_ns == mtime  # verified, not rewritten
+    assert not list(out.glob(".*.done.json"))
+
+
+def test_a_pack_whose_manifest_was_lost_is_repacked_from_the_source_never_adopted(tmp_path):
+    cfg = PackConfig(shard_size=10, val_fraction=0.1, test_fraction=0.1)
+    out = tmp_path / "p"
+    first = pack("synthetic:40", out, cfg, workers=1)
+    digests = {p.name: _sha(p) for p in out.glob("*.tar")}
+    (out / "manifest.json").unlink()
+    _flip_a_byte_inside(out / "train-000000.tar")
+    said: list[str] = []
+    again = pack("synthetic:40", out, cfg, workers=1, say=said.append)
+    assert len(said) == len(digests) and all("no record of its sha256" in line for line in said)
+    assert again["shards"] == first["shards"] and {p.name: _sha(p) for p in out.glob("*.tar")} == digests

@@ -90,8 +90,9 @@ def test_transparency_is_composited_over_white() -> None:
 
 
 def test_unreadable_data_names_the_file() -> None:
-    with pytest.raises(PhotoError, match=r"^a/b\.png: not a readable image"):
+    with pytest.raises(PhotoError, match=r"^a/b\.png: not a readable image") as err:
         open_photo(b"not an image at all", "a/b.png")
+    assert str(err.value) == "a/b.png: not a readable image (UnidentifiedImageError: cannot identify image file)"
     truncated = encode(upright_red_over_blue(64, 64), "JPEG")[:300]
     with pytest.raises(PhotoError, match="cut.jpg: not a readable image"):
         open_photo(truncated, "cut.jpg")

@@ -317,3 +317,60 @@ def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_lates
     pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
     assert "from step-00000002 (step 2)" in capsys.readouterr().out
     assert latest_step(stage) == 6 and not partial.exists()
+
+
+def test_a_non_finite_batchnorm_statistic_stops_the_run_before_its_checkpoint_and_export(tiny_shards, tmp_path,
+                                                                                        monkeypatch):
+    from hybridgan.pretrain import EXPORT_NAME, BlurPretraining
+
+    honest_step = BlurPretraining.step
+    poisoned: list[str] = []
+
+    def diverging_step(self, batch):
+        losses = honest_step(self, batch)
+        if self.session.state.step == 2:  # the 3rd step: BatchNorm's variance overflows, no loss shows it
+            name, buffer = next((n, b) for n, b in self.disc.named_buffers() if n.endswith("running_var"))
+            buffer.fill_(float("inf"))
+            poisoned.append(name)
+        return losses
+
+    monkeypatch.setattr(BlurPretraining, "step", diverging_step)
+    with pytest.raises(TrainingError) as err:
+        pretrain(tiny_config(tiny_shards, tmp_path, *SHORT))
+    stage = tmp_path / "t" / "pretrain"
+    assert str(err.value) == (f"step 4: disc.{poisoned[0]} holds NaN or an infinity; stopped, the last good "
+                              f"checkpoint {stage / 'checkpoints' / 'step-00000002'} is kept")
+    assert latest_step(stage) == 2 and not (stage / EXPORT_NAME).exists()
+
+
+def test_a_non_finite_gradient_norm_with_a_finite_loss_stops_the_run_naming_the_model(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path)
+    session = TrainingSession(cfg, "pretrain", cfg.pretrain)
+    model = torch.nn.Linear(8, 1)
+    model, optimizer = session.prepare("disc", model, build_adam(model, cfg.pretrain))
+    loss = (model.weight.abs() * 0).sqrt().sum()  # 0, with an infinite slope
+    session.optimize(loss, model, optimizer)
+    session.state.step = 1
+    session._pending_losses.append((1, {"disc_loss": loss.detach()}))
+    with pytest.raises(TrainingError, match="^step 1: the gradient norm of disc is nan; stopped, no checkpoint"):
+        session.flush_losses(0)
+
+
+def test_a_stage_that_fails_before_its_first_step_pins_no_config_and_a_bad_one_is_named(tiny_shards, tmp_path,
+                                                                                       capsys):
+    failed = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, *SHORT, "data.shards=/nonexistent"))
+    assert "/nonexistent" in _error_line(failed)
+    stage = tmp_path / "t" / "pretrain"
+    assert not (stage / "config.yaml").exists()
+    (stage / "launches.jsonl").write_text('{"time": "2026-01-01T00:00:00", "start_st')  # a crash mid-write
+    pretrain(tiny_config(tiny_shards, tmp_path, *SHORT))  # the corrected command is not refused
+    assert latest_step(stage) == 4 and (stage / "config.yaml").is_file()
+    assert f"{stage / 'launches.jsonl'}: its last line was cut mid-write (a crash); moved to launches.jsonl.torn-1" \
+        in capsys.readouterr().out
+    assert [r["start_step"] for r in launches(stage)] == [0]
+    for text, why in (("pretrain: [1, 2\n", "not a readable run config (while parsing a flow sequence"),
+                      ("- 1\n- 2\n", "not a readable run config (holds a list, not a mapping of keys)")):
+        (stage / "config.yaml").write_text(text)
+        with pytest.raises(TrainingError) as err:
+            pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
+        assert str(err.value).startswith(f"{stage / 'config.yaml'}: {why}") and "\n" not in str(err.value)

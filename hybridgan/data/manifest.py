@@ -35,7 +35,8 @@ class ManifestError(ValueError):
 
 
 def _hint(shards_dir: Path) -> str:
-    return f"run `python -m hybridgan.pack SOURCE --out {shards_dir}` (re-running finishes an interrupted pack)"
+    return (f"run `python -m hybridgan.pack SOURCE --out {shards_dir}` (a re-run verifies every shard and re-packs "
+            f"the missing and damaged ones)")
 
 
 def read_manifest(shards_dir: str | Path) -> dict[str, Any]:

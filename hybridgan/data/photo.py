@@ -76,12 +76,14 @@ def open_photo(data: bytes, name: str) -> Image.Image:
 
     See the module docstring for how each kind of file is converted.
     """
+    buffer = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(buffer) as image:
             image.load()  # decodes fully: truncated or corrupt files fail here
             return _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError) as err:
-        raise PhotoError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
+        reason = str(err).replace(f" {buffer!r}", "")  # Pillow would name the file by the buffer's repr
+        raise PhotoError(f"{name}: not a readable image ({type(err).__name__}: {reason})") from None
 
 
 def is_plain_frame(data: bytes, size: int) -> bool:
