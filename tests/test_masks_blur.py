@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybridgan.config import BlurConfig, MaskConfig
-from hybridgan.data.blur import blur_square, blur_target, gaussian_kernel
+from hybridgan.data.blur import blur_square, blur_target, draw_square, gaussian_kernel, variance_range
 from hybridgan.data.masks import apply_mask, center_box, make_masks
 from hybridgan.data.synthetic import synthetic_face
 
@@ -97,3 +97,27 @@ def test_blur_target_zero_inside_one_outside():
     target = blur_target(16, (2, 3, 5))
     assert target.dtype == np.float32 and target.shape == (16, 16)
     assert target[2:7, 3:8].max() == 0 and target.sum() == 16 * 16 - 25
+
+
+def test_random_position_squares_lie_anywhere_in_the_frame_and_fixed_ones_stay_put():
+    image = np.asarray(synthetic_face(1))
+    fixed = BlurConfig()
+    moving = BlurConfig(random_position=True)
+    corners = {blur_square(image, np.random.default_rng(s), moving)[1][:2] for s in range(30)}
+    assert len(corners) > 20
+    assert all(0 <= top <= 256 - 64 and 0 <= left <= 256 - 64 for top, left in corners)
+    # the fixed square draws side and variance first, exactly as before the option existed
+    for seed in range(5):
+        a, box_a = blur_square(image, np.random.default_rng(seed), fixed)
+        b, box_b = blur_square(image, np.random.default_rng(seed), moving)
+        assert box_a[:2] == (80, 80) and box_a[2] == box_b[2]
+
+
+def test_the_blur_schedule_moves_the_variance_from_the_start_range_to_the_papers():
+    cfg = BlurConfig(min_variance=5, max_variance=15, schedule_epochs=4, start_min_variance=45, start_max_variance=95)
+    assert variance_range(cfg, 0) == (45, 95)
+    assert variance_range(cfg, 2) == pytest.approx((25, 55))
+    assert variance_range(cfg, 4) == variance_range(cfg, 9) == variance_range(cfg, None) == (5, 15)
+    assert variance_range(BlurConfig(), 0) == (5.0, 15.0)  # no schedule: the configured range from the start
+    drawn = [draw_square(np.random.default_rng(s), cfg, 256, 256, epoch=0)[1] for s in range(50)]
+    assert min(drawn) >= 45 and max(drawn) <= 95
