@@ -103,6 +103,7 @@ class DiscriminatorConfig:
     kind: str = "hybrid"
     decoder_width: int = 32
     full_resolution_block: bool = True
+    global_evidence: str = "features"  # features: the paper's head on pooled ResNet features; features+pixels: plus the per-pixel map's soft minimum (hybridgan.models.hybrid)
     resnet_weights: str = ""
     pretrained: str = ""
     from_scratch: bool = False
@@ -209,6 +210,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.blur_objective": ("lsgan", "sigmoid_l2", "bce", "hinge"),
     "loss.beta_mode": ("fixed", "adaptive"),
     "discriminator.pathak_input": ("hole", "frame"),
+    "discriminator.global_evidence": ("features", "features+pixels"),
     "generator.upsample": ("transposed", "resize"),
     "pretrain.mixed_precision": ("no", "fp16", "bf16", "auto"),
     "train.mixed_precision": ("no", "fp16", "bf16", "auto"),

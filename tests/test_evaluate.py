@@ -252,3 +252,29 @@ def test_two_ranks_give_the_single_process_perceptual_numbers(evaluated, standin
         assert (one["name"], one["n"]) == (two["name"], two["n"]) and one["set_metrics"]["kid_subset"] == 4
         assert two["metrics"]["lpips"] == pytest.approx(one["metrics"]["lpips"], rel=1e-5)
         assert two["set_metrics"] == pytest.approx(one["set_metrics"], rel=1e-4, abs=1e-7)
+
+
+def test_none_pathak_and_hybrid_are_compared_pairwise_and_the_two_questions_answered(tiny_shards, tmp_path):
+    runs = tmp_path / "runs"
+    stages = [make_run(runs / "t" / f"train-{kind}", tiny_shards, runs, kind, seed)
+              for seed, kind in enumerate(["none", "pathak", "hybrid"])]
+    assert main([*map(str, stages), "--batch-size", "4", "--out", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    pairs = {(c["first"], c["second"]): c for c in results["comparisons"]}
+    assert list(pairs) == [("train-pathak", "train-none"), ("train-hybrid", "train-none"),
+                           ("train-hybrid", "train-pathak")]
+    rows = {row["name"]: row["metrics"] for row in results["runs"]}
+    for (first, second), pair in pairs.items():
+        gap = pair["differences"]["hf_gap"]
+        assert gap["low"] <= gap["mean"] <= gap["high"] and gap["n"] == results["runs"][0]["n"]
+        artefacts = (rows[first]["checkerboard"] > rows[first]["checkerboard_ref"]
+                     or rows[first]["edge_jump"] > 1.5 * rows[first]["edge_jump_ref"])
+        expected = ("blurrier" if gap["low"] > 0 else "no different" if gap["high"] >= 0
+                    else "sharper with artefacts" if artefacts else "sharper")
+        assert pair["outcome"] == expected and pair["verdict"].startswith(f"The {first} fill")
+        assert pair["differences"]["psnr"]["mean"] == pytest.approx(rows[first]["psnr"] - rows[second]["psnr"], abs=1e-4)
+    assert set(results["answers"]) == {"does any discriminator beat no discriminator?", "does the hybrid beat Pathak's?"}
+    text = (tmp_path / "eval" / "eval.md").read_text()
+    assert "**does any discriminator beat no discriminator?**" in text
+    with Image.open(tmp_path / "eval" / "figure.png") as figure:  # original | masked | 3 runs | Telea
+        assert figure.width >= 6 * 128

@@ -32,8 +32,12 @@ def test_chain_writes_the_report_from_the_runs_and_resumes(tmp_path):
     assert table1(folder / "pretrain") in report
     assert table2(folder / "train-hybrid", folder / "train-pathak") in report
     assert (folder / "eval" / "eval.md").read_text().strip() in report
-    rows = {row["name"]: row for row in json.loads((folder / "eval" / "eval.json").read_text())["runs"]}
+    results = json.loads((folder / "eval" / "eval.json").read_text())
+    rows = {row["name"]: row for row in results["runs"]}
     assert rows["train-hybrid"]["metrics"]["psnr"] > rows["mean-colour fill"]["metrics"]["psnr"]
+    assert list(rows)[:3] == ["train-none", "train-pathak", "train-hybrid"]  # the no-D baseline first
+    assert (folder / "train-none" / "generator.safetensors").is_file()
+    assert "**does any discriminator beat no discriminator?**" in report
     with Image.open(folder / "eval" / "figure.png") as figure:
         assert figure.width >= 4 * 128 and figure.height >= 128
     with Image.open(folder / "eval" / "losses.png") as curves:

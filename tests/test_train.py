@@ -350,3 +350,40 @@ def test_a_nan_loss_stops_naming_step_and_loss_and_keeps_the_last_good_checkpoin
                               f"{stage / 'checkpoints' / 'step-00000003'} is kept")
     assert latest_step(stage) == 3
     assert all(math.isfinite(r["gen_pixel_loss"]) for r in read_records(stage, "train"))
+
+
+def test_no_discriminator_is_a_first_class_run_on_the_pixel_loss_alone(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=none", "train.max_steps=4")
+    export = train(cfg)
+    stage = export.parent
+    assert stage.name == "train-none"
+    records = read_records(stage, "train")
+    assert records and set(records[-1]) >= {"gen_loss", "gen_pixel_loss"}
+    assert not {"disc_loss", "gen_adv_loss", "d_real", "beta"} & set(records[-1])
+    state = sorted(p.name for p in (stage / "checkpoints" / "step-00000004").iterdir())
+    assert "model.safetensors" in state and "model_1.safetensors" not in state  # G alone is checkpointed
+
+
+def test_the_g_step_logs_beta_the_gradient_norms_and_ds_margin(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "discriminator.kind=pathak", "train.max_steps=4", "train.log_every=1",
+                      "loss.adversarial=lsgan", "loss.beta_mode=adaptive", "loss.adaptive_scale=0.2",
+                      "loss.adversarial_warmup=2")
+    stage = train(cfg).parent
+    records = read_records(stage, "train")
+    assert [r["beta"] == 0.0 for r in records] == [True, False, False, False]  # ramped from 0 over 2 steps
+    later = records[-1]
+    assert later["grad_ratio"] == pytest.approx(0.2, rel=1e-3)  # adaptive: the ratio at G's last layer
+    assert later["adv_grad_norm"] > 0 and later["pixel_grad_norm"] > 0
+    assert later["d_margin"] == pytest.approx(later["d_real"] - later["d_fake"], abs=1e-5)  # lsgan: raw scores
+    events = EventAccumulator(str(stage / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"train/beta", "train/grad_ratio", "train/adv_grad_norm", "train/d_margin"} <= set(events.Tags()["scalars"])
+
+
+def test_a_pretrained_d_at_chance_is_refused_naming_the_key(tiny_shards, tmp_path, pretrained):
+    cfg = tiny_config(tiny_shards, tmp_path, f"discriminator.pretrained={pretrained}",
+                      "discriminator.min_pretrain_accuracy=0.99")
+    with pytest.raises(ExportError, match=r"held-out blur accuracy 0\.\d+ is below "
+                                          r"discriminator.min_pretrain_accuracy=0.99 \(chance is 0.5\)"):
+        train(cfg)
+    assert not (tmp_path / "t" / "train-hybrid" / "config.yaml").exists()

@@ -9,6 +9,13 @@ Each "up" is a bilinear x2 up-sampling, a concatenation with the skip, and two c
 decoder widths are 8w, 8w, 4w, 2w, w with w = `cfg.decoder_width`. The last skip is the (normalised)
 input image itself, so the per-pixel head sees full-resolution pixels when it judges blur.
 
+`cfg.global_evidence=features+pixels` (a departure, docs/paper.md) adds to the global score the soft
+minimum of the per-pixel scores, -log mean exp(-pixel_score): an image is real only where every pixel
+is. The paper's head sees ResNet features averaged over the whole image, where a blurred square of 8 %
+of the area is a small shift among large differences between faces; the per-pixel map localises it,
+and its soft minimum carries that to the global decision (and, in GAN training, asks G for a hole that
+is real at every pixel).
+
 `cfg.full_resolution_block=false` (a leaner D, not the paper's) drops that last block: the per-pixel
 head judges the S/2 features and its logits are up-sampled bilinearly to S. The full-resolution block
 (2w + 3 input channels at S x S) is a large share of the decoder's FLOPs and of its memory traffic.
@@ -16,6 +23,7 @@ head judges the S/2 features and its logits are up-sampled bilinearly to S. The 
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 from typing import NamedTuple
@@ -126,6 +134,13 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([x, skip], dim=1))
 
 
+def soft_minimum(scores: Tensor) -> Tensor:
+    """Per image, -log mean exp(-score) over [B, 1, S, S] scores: the minimum, softened (a constant
+    map gives that constant; a low region pulls it down by log of its area share)."""
+    flat = -scores.flatten(1)
+    return -(torch.logsumexp(flat, dim=1) - math.log(flat.shape[1]))
+
+
 class HybridDiscriminator(nn.Module):
     """D of the paper: ResNet50 + U-Net, a global and a per-pixel probability of "real"."""
 
@@ -153,6 +168,7 @@ class HybridDiscriminator(nn.Module):
         self.decoder = nn.ModuleList(blocks)
         self.global_head = nn.Linear(2048, 1)
         self.pixel_head = nn.Conv2d(w if cfg.full_resolution_block else 2 * w, 1, 1)
+        self.pixel_evidence = cfg.global_evidence == "features+pixels"
 
     def forward(self, image: Tensor) -> DiscOutput:
         x = ((image + 1) / 2 - self.mean) / self.std
@@ -170,4 +186,7 @@ class HybridDiscriminator(nn.Module):
         pixel_score = self.pixel_head(d)
         if pixel_score.shape[-2:] != image.shape[-2:]:
             pixel_score = F.interpolate(pixel_score, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return DiscOutput(global_score, pixel_score.float())
+        pixel_score = pixel_score.float()
+        if self.pixel_evidence:
+            global_score = global_score + soft_minimum(pixel_score)
+        return DiscOutput(global_score, pixel_score)
