@@ -131,6 +131,7 @@ class LossConfig:
     beta_max: float = 1.0
     adversarial_warmup: int = 0  # steps over which beta ramps linearly from 0 (both modes); D learns from step 1
     blur_objective: str = "sigmoid_l2"  # the pretraining loss's objective (same choices as adversarial)
+    blur_pixel_balance: bool = False  # pretraining: the blurred pixels weigh as much as all the others in the per-pixel term
 
 
 @dataclass

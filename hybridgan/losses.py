@@ -42,8 +42,10 @@ class DiscriminatorLosses(NamedTuple):
     fake: Tensor  # eq. 5
 
 
-def score_loss(score: Tensor, target: Tensor | float, objective: str, generator: bool = False) -> Tensor:
-    """Mean loss of raw scores against targets (1 real, 0 fake; a tensor broadcast to `score`).
+def score_loss(score: Tensor, target: Tensor | float, objective: str, generator: bool = False,
+               weight: Tensor | None = None) -> Tensor:
+    """Mean loss of raw scores against targets (1 real, 0 fake; a tensor broadcast to `score`),
+    weighted by `weight` (same shape; a weighted mean) when given.
 
     `generator=True` is G's side, whose target is always "real": the same term for lsgan,
     sigmoid_l2 and bce (non-saturating), -score for hinge.
@@ -51,25 +53,37 @@ def score_loss(score: Tensor, target: Tensor | float, objective: str, generator:
     score = score.float()
     target = target.float().expand_as(score) if isinstance(target, Tensor) else score.new_full(score.shape, target)
     if objective == "lsgan":
-        return (score - target).square().mean()
-    if objective == "sigmoid_l2":
-        return (score.sigmoid() - target).square().mean()
-    if objective == "bce":
-        return F.binary_cross_entropy_with_logits(score, target)
-    if objective == "hinge":
-        if generator:
-            return -score.mean()
-        return (target * F.relu(1.0 - score) + (1.0 - target) * F.relu(1.0 + score)).mean()
-    raise ValueError(f"adversarial objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        loss = (score - target).square()
+    elif objective == "sigmoid_l2":
+        loss = (score.sigmoid() - target).square()
+    elif objective == "bce":
+        loss = F.binary_cross_entropy_with_logits(score, target, reduction="none")
+    elif objective == "hinge":
+        loss = -score if generator else target * F.relu(1.0 - score) + (1.0 - target) * F.relu(1.0 + score)
+    else:
+        raise ValueError(f"adversarial objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if weight is None:
+        return loss.mean()
+    return (loss * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def balanced_weights(target: Tensor) -> Tensor:
+    """Per-pixel weights under which the pixels with target < 0.5 (blurred) and the others weigh
+    half of the batch's term each, however few the blurred pixels are (8 % of a blurred face)."""
+    blurred = (target < 0.5).float()
+    count = blurred.sum().clamp_min(1.0)
+    rest = (1.0 - blurred).sum().clamp_min(1.0)
+    return blurred / count + (1.0 - blurred) / rest
 
 
 def _weighted(d_out: DiscOutput, cfg: LossConfig, global_target: Tensor | float, pixel_target: Tensor | float,
-              objective: str, generator: bool = False) -> Tensor:
-    """The objective's loss of both outputs against their targets, mixed by the config's weights."""
+              objective: str, generator: bool = False, pixel_weight: Tensor | None = None) -> Tensor:
+    """The objective's loss of both outputs against their targets, mixed by the config's weights
+    (the per-pixel term weighted by `pixel_weight` when given)."""
     global_term = score_loss(d_out.global_score, global_target, objective, generator)
     if d_out.pixel_score is None:
         return global_term
-    pixel_term = score_loss(d_out.pixel_score, pixel_target, objective, generator)
+    pixel_term = score_loss(d_out.pixel_score, pixel_target, objective, generator, pixel_weight)
     return cfg.global_weight * global_term + cfg.pixel_weight * pixel_term
 
 
@@ -187,5 +201,7 @@ def blur_discriminator_loss(d_out: DiscOutput, is_real_global: Tensor, pixel_tar
                             cfg: LossConfig) -> Tensor:
     """Pretraining on blur (§2.3): the global score against 1 (original) / 0 (blurred), and the
     per-pixel score against `pixel_target` (0 inside the blurred square, 1 elsewhere), same weights,
-    under the pretraining objective `cfg.blur_objective`."""
-    return _weighted(d_out, cfg, is_real_global.float(), pixel_target.float(), cfg.blur_objective)
+    under the pretraining objective `cfg.blur_objective`; with `cfg.blur_pixel_balance` the blurred
+    pixels weigh as much as all the others (`balanced_weights`)."""
+    weight = balanced_weights(pixel_target) if cfg.blur_pixel_balance else None
+    return _weighted(d_out, cfg, is_real_global.float(), pixel_target.float(), cfg.blur_objective, pixel_weight=weight)

@@ -252,3 +252,16 @@ def test_seam_correction_equals_the_shepard_average_over_border_pixels() -> None
         weights = torch.tensor([1.0 / ((p[0] - b[0]) ** 2 + (p[1] - b[1]) ** 2 + radius**2) for b in border])
         expected[:, p[0], p[1]] = torch.stack(list(border.values()), dim=1) @ (weights / weights.sum())
     assert torch.allclose(seam_correction(filled, masked, mask, radius)[0], expected, atol=1e-5)
+
+
+def test_balanced_pixel_weights_give_the_few_blurred_pixels_half_the_term() -> None:
+    target = torch.ones(2, 1, 4, 4)
+    target[0, 0, :1, :2] = 0.0  # 2 blurred pixels of 32
+    cfg = LossConfig(global_weight=0.0, pixel_weight=1.0, blur_objective="lsgan")
+    out = DiscOutput(torch.ones(2), torch.ones(2, 1, 4, 4))  # "real" everywhere: wrong by 1 on the blurred pixels only
+    plain = blur_discriminator_loss(out, torch.ones(2), target, cfg)
+    balanced = blur_discriminator_loss(out, torch.ones(2), target,
+                                       LossConfig(global_weight=0.0, pixel_weight=1.0, blur_objective="lsgan",
+                                                  blur_pixel_balance=True))
+    assert plain.item() == pytest.approx(2 / 32)
+    assert balanced.item() == pytest.approx(0.5)  # the blurred half of the weight, all of it wrong by 1
