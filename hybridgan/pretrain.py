@@ -27,6 +27,7 @@ from hybridgan.exports import save_export
 from hybridgan.losses import blur_discriminator_loss, decided_real
 from hybridgan.models import DiscOutput, build_discriminator
 from hybridgan.session import TrainingSession, build_adam, run_stage, run_stage_cli, speed_up
+from hybridgan.tracking import read_records
 
 STAGE = "pretrain"
 EXPORT_NAME = "discriminator.safetensors"
@@ -123,11 +124,16 @@ class BlurPretraining:
                       f"pixel AUROC {values['pixel_auroc']:.3f} (position prior {values['prior_auroc']:.3f})")
 
     def export(self) -> Path:
-        """Write the discriminator's weights with the run's config (main process)."""
+        """Write the discriminator's weights with the run's config and its last held-out accuracy
+        (this process's, or the stage's last `test` record when a finished run only re-exports)."""
         path = self.session.dir / EXPORT_NAME
         state = self.session.accelerator.get_state_dict(self.disc)
         if self.session.is_main:
-            recorded = {} if self.test_accuracy is None else {"test_accuracy": f"{self.test_accuracy:.6f}"}
+            accuracy = self.test_accuracy
+            if accuracy is None:
+                tests = [r for r in read_records(self.session.dir / "metrics.jsonl") if r.get("split") == "test"]
+                accuracy = tests[-1]["test_accuracy"] if tests else None
+            recorded = {} if accuracy is None else {"test_accuracy": f"{accuracy:.6f}"}
             save_export(state, path, self.cfg, "discriminator", recorded)
         return path
 
