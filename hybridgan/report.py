@@ -19,6 +19,7 @@ Numbers are printed with three significant digits (`0.0013`, `0.322`, `12.5`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,26 @@ def _metric(record: dict[str, Any], key: str, stage_dir: str | Path) -> float:
 
 
 def table1(pretrain_dir: str | Path) -> str:
-    """Table 1: epoch | test loss | test accuracy of the pre-trained discriminator."""
+    """Table 1: epoch | test loss | test accuracy of the pre-trained discriminator, and, where the
+    records hold them (hybridgan.blur_metrics), accuracy on originals and per blur variance, D's and
+    the classical detector's accuracy on the second half, per-pixel AUROC and the prior's."""
+    records = epoch_records(pretrain_dir, "test")
+    first = next(iter(records.values()), {})
+    buckets = [key for key in first if key.startswith("accuracy_variance_")]
+    extra = [key for key in ("accuracy_originals", *buckets, "accuracy_second_half", "classical_accuracy",
+                             "pixel_auroc", "prior_auroc") if key in first]
     rows = []
-    for epoch, record in epoch_records(pretrain_dir, "test").items():
+    for epoch, record in records.items():
         loss = _metric(record, "test_loss", pretrain_dir)
         accuracy = _metric(record, "test_accuracy", pretrain_dir)
-        rows.append([epoch, fmt(loss), f"{accuracy * 100:.1f}%"])
-    return markdown_table(["epoch", "test loss", "test accuracy"], rows)
+        cells = [f"{record[key]:.3f}" if key.endswith("auroc") else f"{record[key] * 100:.1f}%"
+                 if isinstance(record.get(key), (int, float)) and math.isfinite(record[key]) else "-" for key in extra]
+        rows.append([epoch, fmt(loss), f"{accuracy * 100:.1f}%", *cells])
+    names = {"accuracy_originals": "originals", "accuracy_second_half": "D, 2nd half",
+             "classical_accuracy": "classical, 2nd half", "pixel_auroc": "pixel AUROC", "prior_auroc": "prior AUROC"}
+    headers = ["epoch", "test loss", "test accuracy",
+               *(names.get(key, key.replace("accuracy_variance_", "variance ")) for key in extra)]
+    return markdown_table(headers, rows)
 
 
 def table2(hybrid_dir: str | Path, pathak_dir: str | Path, last: int = 3) -> str:

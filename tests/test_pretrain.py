@@ -10,7 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import SMOKE, tiny_args, tiny_config
 from hybridgan.config import load_config
 from hybridgan.pack import pack
-from hybridgan.exports import load_export
+from hybridgan import report
+from hybridgan.exports import export_metadata, load_export
 from hybridgan.pretrain import EXPORT_NAME, pretrain
 from hybridgan.session import EXIT_REQUEUE
 from stage_runs import (accelerate_2_ranks, assert_same_weights, kill_after_checkpoint, latest_step,
@@ -126,3 +127,18 @@ def test_two_ranks_killed_and_resumed_give_the_uninterrupted_epoch_means_and_wei
     reference = tmp_path / "whole" / "pretrain"
     assert read_records(stage, "epoch") == read_records(reference, "epoch")
     assert_same_weights(reference / EXPORT_NAME, stage / EXPORT_NAME)
+
+
+def test_table1_says_whether_d_learned_blur_or_the_squares_place(learned):
+    _, stage = learned
+    last = read_records(stage, "test")[-1]
+    buckets = [key for key in last if key.startswith("accuracy_variance_")]
+    assert buckets == ["accuracy_variance_60-73.3", "accuracy_variance_73.3-86.7", "accuracy_variance_86.7-100"]
+    assert 0 <= last["accuracy_originals"] <= 1 and 0.5 <= last["classical_accuracy"] <= 1
+    # the smoke blur sits at a fixed place: the place alone ranks most pixels, all but the same place
+    # on the originals (a third of a 64x64 face), and a D that learned blur ranks those too
+    assert 0.8 < last["prior_auroc"] < last["pixel_auroc"] <= 1
+    table = report.table1(stage)
+    assert "| originals | variance 60-73.3 |" in table and "| classical, 2nd half | pixel AUROC | prior AUROC |" in table
+    recorded = float(export_metadata(stage / EXPORT_NAME)["test_accuracy"])  # what GAN training checks
+    assert recorded == pytest.approx(last["test_accuracy"], abs=1e-6)
