@@ -12,21 +12,24 @@ it). `loss.beta_mode=fixed` uses `loss.beta`. In both modes beta ramps linearly 
 `loss.adversarial_warmup` steps (D learns from the first step, so it is not random when G starts
 listening to it).
 
-The G step takes the two terms' gradients at G's output `fake` (the pixel term's is elementwise, the
-adversarial one's is D's backward, which the step needs anyway), mixes them with alpha and beta, and
-pushes the mix through G once as the gradient of `(fake * mixed).sum()`: the same gradient as the
-joint loss's, with the norms measured on the way. The norms at G's output are logged too (the
+The G step takes the two terms' gradients at a detached copy of G's output (the pixel term's is
+elementwise, the adversarial one's is D's backward, which the step needs anyway), reads their norms
+at G's last layer on a replica of G's tail (`LastLayer`), mixes them with alpha and beta, and pushes
+the mix through G once as the gradient of `(fake * mixed).sum()`: the same gradient as the joint
+loss's, with one backward through G, as before, and nothing outside it touching G's graph. The norms at G's output are logged too (the
 adversarial one is what shows a dead term in TensorBoard: a saturated D gives ~0).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from hybridgan.config import LossConfig
+from hybridgan.models import ContextEncoder
 
 _EPS = 1e-8
 
@@ -34,7 +37,7 @@ _EPS = 1e-8
 class MixedGradient(NamedTuple):
     """What G's step back-propagates and what it logs."""
 
-    surrogate: Tensor  # (fake * mixed gradient).sum(): its gradient for G is the joint loss's
+    gradient: Tensor  # alpha dL_pixel/dfake + beta dL_adv/dfake: G back-propagates (fake * gradient).sum()
     joint: Tensor  # alpha * L_pixel + beta * L_adv with the beta used, for the log (gen_loss)
     beta: Tensor  # the beta used at this step
     pixel_grad_norm: Tensor  # ||alpha dL_pixel / d fake||
@@ -42,13 +45,43 @@ class MixedGradient(NamedTuple):
     grad_ratio: Tensor  # ||beta dL_adv/dW_last|| / ||alpha dL_pixel/dW_last||: adaptive_scale unless clamped
 
 
-def last_layer_weight(gen: nn.Module) -> Tensor:
-    """The weight of G's last layer with one (its final up-convolution or convolution)."""
-    weights = [m.weight for m in gen.modules() if isinstance(getattr(m, "weight", None), Tensor)
-               and m.weight.requires_grad]
-    if not weights:
-        raise ValueError("the generator has no trainable layer weight")
-    return weights[-1]
+class LastLayer:
+    """G's last convolution (`decoder[-2]`, before the tanh), watched: its input of the latest
+    forward, from which `weight_grad` replays G's tail on a detached copy of the layer's weight.
+
+    Never through G's own graph or parameters: a DeepSpeed engine reduces gradients from hooks that
+    any backward through its module or its output fires, outside the engine's own backward.
+    """
+
+    def __init__(self, gen: ContextEncoder) -> None:
+        self.gen = gen
+        self.module = gen.decoder[-2]
+        if not isinstance(getattr(self.module, "weight", None), Tensor):
+            raise ValueError(f"the generator's last decoder layer {type(self.module).__name__} has no weight")
+        self._input: Tensor | None = None
+        self._replaying = False
+        self.module.register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, args: tuple[Tensor, ...], _output: Tensor) -> None:
+        if not self._replaying:  # the replica's forward in `weight_grad` is not G's
+            self._input = args[0]
+
+    def weight_grad(self, grad_at_fake: Tensor, masked: Tensor, mask: Tensor) -> Tensor:
+        """The gradient at the layer's weight of a loss whose gradient at G's output is
+        `grad_at_fake`, for the latest forward on (`masked`, `mask`)."""
+        if self._input is None:
+            raise RuntimeError("the generator's last layer has not run a forward yet")
+        layer_in = self._input.detach()
+        params = {name: p.detach().to(layer_in.dtype).requires_grad_(name == "weight")
+                  for name, p in self.module.named_parameters(recurse=False)}
+        self._replaying = True
+        try:
+            with torch.enable_grad():
+                replica = self.gen.finish(torch.func.functional_call(self.module, params, (layer_in,)), masked, mask)
+        finally:
+            self._replaying = False
+        grad_weight, = torch.autograd.grad(replica, params["weight"], grad_outputs=grad_at_fake.to(replica.dtype))
+        return grad_weight
 
 
 def warmup_factor(cfg: LossConfig, step: int) -> float:
@@ -65,24 +98,23 @@ def adaptive_beta(cfg: LossConfig, pixel_weight_grad_norm: Tensor, adv_weight_gr
 
 
 def mix_gradients(fake: Tensor, weighted_pixel: Tensor, adv: Tensor, cfg: LossConfig, step: int,
-                  last_weight: Tensor) -> MixedGradient:
-    """The G step's gradient at `fake` as alpha dL_pixel + beta dL_adv (see the module docstring).
+                  weight_grad: Callable[[Tensor], Tensor]) -> MixedGradient:
+    """The G step's gradient at G's output as alpha dL_pixel + beta dL_adv (module docstring).
 
-    `weighted_pixel` is alpha * L_pixel; `adv` is L_adv, both with graphs through `fake`.
+    `fake` is a detached copy of G's output that requires grad; `weighted_pixel` (alpha * L_pixel)
+    and `adv` (L_adv) are computed from it, so that nothing here reaches G's graph. `weight_grad`
+    maps a gradient at G's output to the one at G's last layer (`LastLayer.weight_grad`).
     """
     g_pixel, = torch.autograd.grad(weighted_pixel, fake, retain_graph=True)
-    g_adv, = torch.autograd.grad(adv, fake, retain_graph=True)
-    w_pixel, = torch.autograd.grad(fake, last_weight, grad_outputs=g_pixel, retain_graph=True)
-    w_adv, = torch.autograd.grad(fake, last_weight, grad_outputs=g_adv, retain_graph=True)
-    pixel_norm, adv_norm = w_pixel.float().norm(), w_adv.float().norm()
+    g_adv, = torch.autograd.grad(adv, fake)
+    pixel_norm, adv_norm = weight_grad(g_pixel).float().norm(), weight_grad(g_adv).float().norm()
     if cfg.beta_mode == "adaptive":
         beta = adaptive_beta(cfg, pixel_norm, adv_norm)
     else:
         beta = torch.tensor(cfg.beta, device=fake.device)
     beta = beta * warmup_factor(cfg, step)
-    mixed = (g_pixel.float() + beta * g_adv.float()).to(fake.dtype)
     return MixedGradient(
-        surrogate=(fake * mixed).sum(),
+        gradient=(g_pixel.float() + beta * g_adv.float()).detach(),
         joint=(weighted_pixel + beta * adv).detach(),
         beta=beta.detach(),
         pixel_grad_norm=g_pixel.float().norm(),

@@ -23,7 +23,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.utils import make_grid
 
-from hybridgan.balance import last_layer_weight, mix_gradients
+from hybridgan.balance import LastLayer, mix_gradients
 from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
 from hybridgan.data.masks import apply_mask, make_masks
@@ -111,7 +111,9 @@ class GanTraining:
     def __init__(self, cfg: Config, session: TrainingSession) -> None:
         self.cfg = cfg
         self.session = session
-        gen = speed_up(build_generator(cfg), cfg.train)
+        gen = build_generator(cfg)
+        self.last_layer = LastLayer(gen)  # watched for the adaptive beta's gradient norms (hybridgan.balance)
+        gen = speed_up(gen, cfg.train)
         self.gen, self.opt_g = session.prepare("gen", gen, build_adam(gen, cfg.train))
         self.disc = self.opt_d = None
         if cfg.discriminator.kind != "none":
@@ -153,22 +155,24 @@ class GanTraining:
         D in this phase; the gradient reaches G through `fake`, G's forward of this step, mixed from
         the two terms' gradients with the step's beta (hybridgan.balance)."""
         cfg, session = self.cfg.loss, self.session
-        weighted_pixel = cfg.alpha * trained_pixel_loss(real, fake, cfg, mask)
-        logged = {"gen_pixel_loss": pixel_loss(real, fake, mask).detach()}
         if self.disc is None:
+            weighted_pixel = cfg.alpha * trained_pixel_loss(real, fake, cfg, mask)
             session.optimize(weighted_pixel, self.gen, self.opt_g)
-            return {"gen_loss": weighted_pixel.detach(), **logged}
+            return {"gen_loss": weighted_pixel.detach(), "gen_pixel_loss": pixel_loss(real, fake, mask).detach()}
         acc = session.accelerator
+        judged = fake.detach().requires_grad_(True)  # the terms' gradients are taken here, G's graph untouched
+        weighted_pixel = cfg.alpha * trained_pixel_loss(real, judged, cfg, mask)
         disc = acc.unwrap_model(self.disc)
         with judging_only(disc), acc.autocast():
-            d_fake = disc(fake)
+            d_fake = disc(judged)
         adv = adversarial_loss(d_fake, cfg, mask)
-        mixed = mix_gradients(fake, weighted_pixel, adv, cfg, session.state.step,
-                              last_layer_weight(acc.unwrap_model(self.gen)))
-        session.optimize(mixed.surrogate, self.gen, self.opt_g)
-        return {"gen_loss": mixed.joint, **logged, "gen_adv_loss": adv.detach(), "beta": mixed.beta,
-                "adv_grad_norm": mixed.adv_grad_norm, "pixel_grad_norm": mixed.pixel_grad_norm,
-                "grad_ratio": mixed.grad_ratio}
+        masked = apply_mask(real, mask)
+        mixed = mix_gradients(judged, weighted_pixel, adv, cfg, session.state.step,
+                              lambda grad: self.last_layer.weight_grad(grad, masked, mask))
+        session.optimize((fake * mixed.gradient.to(fake.dtype)).sum(), self.gen, self.opt_g)
+        return {"gen_loss": mixed.joint, "gen_pixel_loss": pixel_loss(real, judged, mask).detach(),
+                "gen_adv_loss": adv.detach(), "beta": mixed.beta, "adv_grad_norm": mixed.adv_grad_norm,
+                "pixel_grad_norm": mixed.pixel_grad_norm, "grad_ratio": mixed.grad_ratio}
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One GAN step on `batch`; returns detached device tensors (read back at log steps only)."""

@@ -182,7 +182,16 @@ class ContextEncoder(nn.Module):
         With `seam_blend` > 0 the prediction is first corrected by `seam_correction` (then clamped
         to [-1, 1]), so that it meets the context without a step along the hole's border.
         """
-        canvas = self.to_canvas(self.predict(masked, mask))
+        return self.compose(self.predict(masked, mask), masked, mask)
+
+    def finish(self, last_layer_output: Tensor, masked: Tensor, mask: Tensor) -> Tensor:
+        """The forward from the output of the decoder's last convolution on: its tanh, then
+        `compose` (hybridgan.balance replays this on a copy of that layer, outside G's graph)."""
+        return self.compose(self.decoder[-1](last_layer_output), masked, mask)
+
+    def compose(self, prediction: Tensor, masked: Tensor, mask: Tensor) -> Tensor:
+        """The prediction onto the canvas, the seam blend, and the known pixels around it."""
+        canvas = self.to_canvas(prediction)
         if self.seam_blend > 0:
             correction = seam_correction(canvas, masked, mask, self.seam_blend, self.hole_window)
             canvas = (canvas + correction).clamp(-1.0, 1.0)
