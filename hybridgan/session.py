@@ -140,6 +140,8 @@ class TrainingSession:
             raise TrainingError(f"{self.stage_key}.batch_size={stage_cfg.batch_size} (the global batch) on world size "
                                 f"{self.world_size} leaves {self.batch_size_per_rank} image per rank; BatchNorm needs "
                                 f"at least {MIN_BATCH_PER_RANK}: raise the batch (docs/scaling.md) or use fewer ranks")
+        if stage_cfg.compile and self.device.type == "cpu":
+            check_cpu_compiler(self.stage_key)
         if self.device.type == "cpu":  # every step allocates the same large gradients (hybridgan.host_memory)
             keep_freed_memory()
         set_seed(cfg.run.seed, device_specific=False)
@@ -654,6 +656,19 @@ def build_adam(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.optim.Ad
     on the CPU (PyTorch >= 2.4 has a fused CPU Adam)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=scaled_lr(stage_cfg), betas=tuple(stage_cfg.betas), fused=True)
+
+
+def check_cpu_compiler(stage_key: str) -> None:
+    """TrainingError (one line) when `<stage>.compile=true` on the CPU cannot work: Inductor compiles
+    C++ there and finds no compiler (it looks for `CXX`, then g++), instead of failing inside the
+    first step."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except (exc.InvalidCxxCompiler, OSError) as err:
+        raise TrainingError(f"{stage_key}.compile=true: torch.compile on the CPU needs a C++ compiler and found none "
+                            f"({type(err).__name__}); install g++ or set CXX, or set {stage_key}.compile=false") from None
 
 
 def speed_up(model: torch.nn.Module, stage_cfg: StageConfig) -> torch.nn.Module:

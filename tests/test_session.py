@@ -374,3 +374,17 @@ def test_a_stage_that_fails_before_its_first_step_pins_no_config_and_a_bad_one_i
         with pytest.raises(TrainingError) as err:
             pretrain(tiny_config(tiny_shards, tmp_path, *SHORT, "pretrain.max_steps=6"))
         assert str(err.value).startswith(f"{stage / 'config.yaml'}: {why}") and "\n" not in str(err.value)
+
+
+def test_compile_on_a_cpu_without_a_compiler_is_one_line_before_anything_is_written(tiny_shards, tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder, exc
+
+    def no_compiler() -> str:
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    cfg = tiny_config(tiny_shards, tmp_path, "train.compile=true", "discriminator.kind=pathak")
+    with pytest.raises(TrainingError, match=r"^train.compile=true: torch.compile on the CPU needs a C\+\+ compiler "
+                                            r"and found none \(InvalidCxxCompiler\); .* set train.compile=false$"):
+        TrainingSession(cfg, "train-pathak", cfg.train)
+    assert not (tmp_path / "t" / "train-pathak").exists()
