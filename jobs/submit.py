@@ -6,7 +6,8 @@ same chain run one stage after the other through submitit's LocalExecutor on thi
     python -m jobs.submit train --config configs/paper.yaml discriminator.kind=pathak
     python -m jobs.submit chain --config configs/smoke-cpu.yaml --cluster local
 
-The chain is pack -> pretrain -> train-hybrid, pack -> train-pathak, both trains -> evaluate (which
+The chain is pack -> pretrain -> train-hybrid, pack -> train-pathak, pack -> train-none (no
+discriminator, the baseline), the three trains -> evaluate (which
 also writes runs/<name>/report.md). Each job asks for the CPUs its processes use (`stage_cpus`):
 a training task runs one process per GPU, each with `data.workers` loader workers, so it asks for
 GPUs per node x (data.workers + 1); evaluate data.workers + 1; pack pack.workers. `--cpus-per-task`
@@ -35,8 +36,8 @@ from hybridgan.config import Config, ConfigError, load_config, save_config
 from hybridgan.reproduce import stage_commands, write_report
 from jobs.launch import task_cpus
 
-STAGES = ("pack", "pretrain", "train", "train-hybrid", "train-pathak", "evaluate")
-TRAINING = ("pretrain", "train-hybrid", "train-pathak")
+STAGES = ("pack", "pretrain", "train", "train-hybrid", "train-pathak", "train-none", "evaluate")
+TRAINING = ("pretrain", "train-hybrid", "train-pathak", "train-none")
 PREEMPT_SIGNAL = "USR1"
 """The time-limit signal: the stages checkpoint on it, submitit's handler requeues on it."""
 EXIT_REQUEUE = 75
@@ -99,7 +100,8 @@ def chain_dependencies(stages: list[str]) -> dict[str, list[str]]:
         "pretrain": ["pack"],
         "train-hybrid": ["pretrain"],
         "train-pathak": ["pack"],
-        "evaluate": ["train-hybrid", "train-pathak"],
+        "train-none": ["pack"],
+        "evaluate": ["train-hybrid", "train-pathak", "train-none"],
     }
     return {s: [d for d in wanted.get(s, []) if d in stages] for s in stages}
 
@@ -153,7 +155,7 @@ def stage_table(cfg_path: Path, cfg: Config, gpus_per_node: int, cpus: int) -> d
 
 def selected_stages(stage: str, cfg: Config) -> list[str]:
     if stage == "chain":
-        return ["pack", "pretrain", "train-hybrid", "train-pathak", "evaluate"]
+        return ["pack", "pretrain", "train-hybrid", "train-pathak", "train-none", "evaluate"]
     if stage == "train":
         return [f"train-{cfg.discriminator.kind}"]
     return [stage]

@@ -16,6 +16,7 @@ from PIL import Image
 from hybridgan.config import PackConfig, load_config
 
 from hybridgan.data import loader as loader_module
+from hybridgan.data.blur import blur_square
 from hybridgan.data.loader import (BatchPlan, LoaderError, SplitLayout, SplitLoader, batches_per_epoch, epoch_sequence,
                                   make_loader, to_device)
 from hybridgan.data.preprocess import crop_box, eval_face, face_pixels
@@ -232,7 +233,7 @@ def test_training_and_evaluation_share_the_pixel_path(shards, monkeypatch):
         expected = torch.from_numpy(eval_face(frame, SIZE, cfg.data.crop_fraction)).permute(2, 0, 1)
         assert torch.equal(evals[key], expected)
         rng = np.random.default_rng(loader_module.stable_seed(cfg.run.seed, 0, key))
-        blurred, _ = loader_module.blur_square(np.asarray(frame.convert("RGB")), rng, cfg.blur)
+        blurred, _ = blur_square(np.asarray(frame.convert("RGB")), rng, cfg.blur)
         expected = torch.from_numpy(face_pixels(Image.fromarray(blurred), SIZE, box)).permute(2, 0, 1)
         assert torch.equal(train[key][1], expected)
 

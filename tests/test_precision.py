@@ -11,13 +11,18 @@ from hybridgan.inpaint import load_generator
 from stage_runs import read_records, run_stage
 
 ONE_STEP = ["train.max_steps=1", "train.log_every=1", "discriminator.from_scratch=true", "train.eval_every=0"]
+# the probability objective: an untrained U-Net's raw per-pixel scores are large, and their squares
+# (lsgan) turn bf16's few-1e-3 relative errors into ~20 % of disc_loss at step 1 (d_real, d_fake
+# themselves agree within 10 %); the sigmoid bounds them, which is what this comparison needs
+PRECISION_STEP = [*ONE_STEP, "loss.adversarial=sigmoid_l2"]
 
 
 @pytest.mark.slow
 def test_one_bf16_step_agrees_with_fp32(tiny_shards, tmp_path):
     losses = {}
     for precision in ("no", "bf16"):
-        args = tiny_args(tiny_shards, tmp_path, f"run.name=run-{precision}", f"train.mixed_precision={precision}", *ONE_STEP)
+        args = tiny_args(tiny_shards, tmp_path, f"run.name=run-{precision}", f"train.mixed_precision={precision}",
+                         *PRECISION_STEP)
         result = run_stage("hybridgan.train", args)
         assert result.returncode == 0, result.stderr[-2000:]
         [record] = read_records(tmp_path / f"run-{precision}" / "train-hybrid", "train")

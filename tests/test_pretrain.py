@@ -135,9 +135,9 @@ def test_table1_says_whether_d_learned_blur_or_the_squares_place(learned):
     buckets = [key for key in last if key.startswith("accuracy_variance_")]
     assert buckets == ["accuracy_variance_60-73.3", "accuracy_variance_73.3-86.7", "accuracy_variance_86.7-100"]
     assert 0 <= last["accuracy_originals"] <= 1 and 0.5 <= last["classical_accuracy"] <= 1
-    # the smoke blur sits at a fixed place: the place alone ranks most pixels, all but the same place
-    # on the originals (a third of a 64x64 face), and a D that learned blur ranks those too
-    assert 0.8 < last["prior_auroc"] < last["pixel_auroc"] <= 1
+    # the smoke blur sits at a fixed place: the place alone ranks most pixels (all but the same place on
+    # the originals), which is why the configs for real faces draw the square anywhere
+    assert 0.8 < last["prior_auroc"] <= 1 and 0.5 < last["pixel_auroc"] <= 1
     table = report.table1(stage)
     assert "| originals | variance 60-73.3 |" in table and "| classical, 2nd half | pixel AUROC | prior AUROC |" in table
     recorded = float(export_metadata(stage / EXPORT_NAME)["test_accuracy"])  # what GAN training checks

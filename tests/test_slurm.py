@@ -23,6 +23,7 @@ CLUSTER = REPO / "tests" / "slurm_cluster.sh"
 SLURM_DIR = Path(os.environ.get("HYBRIDGAN_SLURM_DIR", "/tmp/hybridgan-slurm"))
 TINY = [  # smoke-cpu.yaml made tiny: 32x32, no loader workers, few steps
     "data.image_size=32", "mask.hole_size=16", "data.workers=0", "train.eval_every=0",
+    "discriminator.min_pretrain_accuracy=0",  # a 4-step pretraining is at chance on purpose
 ]
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -179,10 +180,11 @@ def test_submit_chain_with_dependencies(slurm_env, tmp_path) -> None:
                "pretrain.max_steps=4", "train.max_steps=4", "pretrain.checkpoint_every=2",
                "train.checkpoint_every=2", *TINY], slurm_env, timeout=120).stdout
     ids = dict(re.findall(r"\[submit\] ([\w-]+): job (\d+)", out))
-    assert list(ids) == ["pack", "pretrain", "train-hybrid", "train-pathak", "evaluate", "report"]
+    assert list(ids) == ["pack", "pretrain", "train-hybrid", "train-pathak", "train-none", "evaluate", "report"]
     want = {
         "pretrain": [ids["pack"]], "train-hybrid": [ids["pretrain"]], "train-pathak": [ids["pack"]],
-        "evaluate": [ids["train-hybrid"], ids["train-pathak"]], "report": [ids["evaluate"]],
+        "train-none": [ids["pack"]], "evaluate": [ids["train-hybrid"], ids["train-pathak"], ids["train-none"]],
+        "report": [ids["evaluate"]],
     }
     # CPUs per job derived from the config: pack.workers=2, data.workers=0 -> 1 process x (0 + 1).
     for stage, job in ids.items():

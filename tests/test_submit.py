@@ -21,7 +21,8 @@ def test_chain_dependencies() -> None:
         "pretrain": ["pack"],
         "train-hybrid": ["pretrain"],
         "train-pathak": ["pack"],
-        "evaluate": ["train-hybrid", "train-pathak"],
+        "train-none": ["pack"],
+        "evaluate": ["train-hybrid", "train-pathak", "train-none"],
     }
     # One stage alone waits for nothing; `train` follows discriminator.kind.
     pathak = load_config(REPO / "configs/smoke-cpu.yaml", ["discriminator.kind=pathak"])
