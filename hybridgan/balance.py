@@ -16,8 +16,9 @@ The G step takes the two terms' gradients at a detached copy of G's output (the 
 elementwise, the adversarial one's is D's backward, which the step needs anyway), reads their norms
 at G's last layer on a replica of G's tail (`LastLayer`), mixes them with alpha and beta, and pushes
 the mix through G once as the gradient of `(fake * mixed).sum()`: the same gradient as the joint
-loss's, with one backward through G, as before, and nothing outside it touching G's graph. The norms at G's output are logged too (the
-adversarial one is what shows a dead term in TensorBoard: a saturated D gives ~0).
+loss's, with one backward through G, as before, and nothing outside it touching G's graph. The norms
+at G's output are logged too (the adversarial one is what shows a dead term in TensorBoard: a
+saturated D gives ~0).
 """
 
 from __future__ import annotations

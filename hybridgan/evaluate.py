@@ -264,19 +264,6 @@ def per_face(rows: list[Row], name: str, metrics: list[str]) -> dict[str, list[f
     return {metric: [row_metrics[metric] for _, row_metrics in ordered] for metric in metrics}
 
 
-def comparison(runs: list[Run], rows: list[Row], seed: int, metrics: list[str]) -> dict[str, Any] | None:
-    """Paired differences (first hybrid-D run - first Pathak-D run) and the verdict; None without both."""
-    kinds = {run.cfg.discriminator.kind: run for run in reversed(runs)}
-    if "hybrid" not in kinds or "pathak" not in kinds:
-        return None
-    hybrid, pathak = kinds["hybrid"], kinds["pathak"]
-    compared = [name for name in metrics if not name.endswith("_ref")]  # the _ref values are the original's
-    first, second = per_face(rows, hybrid.name, compared), per_face(rows, pathak.name, compared)
-    diffs = paired_differences(first, second, seed)
-    return {"first": hybrid.name, "second": pathak.name, "seed": seed, "differences": diffs,
-            "verdict": sharper_at_equal_psnr(diffs)}
-
-
 PAIRS = (("pathak", "none"), ("hybrid", "none"), ("hybrid", "pathak"))  # (first, second) by D kind
 
 
@@ -299,6 +286,17 @@ def pairwise(runs: list[Run], rows: list[Row], summary: dict[str, dict[str, floa
                     "second_kind": second_kind, "seed": seed, "differences": diffs, "outcome": outcome,
                     "verdict": sentence})
     return out
+
+
+def comparison(pairs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The hybrid - Pathak pair of `pairwise` under the earlier rule (`report.sharper_at_equal_psnr`),
+    without `hf_gap`; None without both kinds."""
+    pair = next((p for p in pairs if (p["first_kind"], p["second_kind"]) == ("hybrid", "pathak")), None)
+    if pair is None:
+        return None
+    diffs = {name: diff for name, diff in pair["differences"].items() if name != "hf_gap"}
+    return {"first": pair["first"], "second": pair["second"], "seed": pair["seed"], "differences": diffs,
+            "verdict": sharper_at_equal_psnr(diffs)}
 
 
 def answers(compared: list[dict[str, Any]]) -> dict[str, str]:
@@ -559,9 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         names = [run.name for run in runs] + list(BASELINES)
         summary = summarise(rows, names, collector.metrics)
         sets = perceptual_sets(features, names, cfg.run.seed)
-        results = results_json(runs, summary, args.split, cfg, comparison(runs, rows, cfg.run.seed, collector.metrics),
-                               args.photos, {"notes": perceptual.notes, "sets": sets},
-                               pairwise(runs, rows, summary, cfg.run.seed, collector.metrics))
+        pairs = pairwise(runs, rows, summary, cfg.run.seed, collector.metrics)
+        results = results_json(runs, summary, args.split, cfg, comparison(pairs), args.photos,
+                               {"notes": perceptual.notes, "sets": sets}, pairs)
         out = args.out or runs[0].stage_dir.parent / "eval"
         write_outputs(out, runs, results, collector.figure)
         print(results_markdown(results))

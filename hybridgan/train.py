@@ -112,7 +112,8 @@ class GanTraining:
         self.cfg = cfg
         self.session = session
         gen = build_generator(cfg)
-        self.last_layer = LastLayer(gen)  # watched for the adaptive beta's gradient norms (hybridgan.balance)
+        # watched for beta's gradient norms (hybridgan.balance); the pixel loss alone needs none
+        self.last_layer = LastLayer(gen) if cfg.discriminator.kind != "none" else None
         gen = speed_up(gen, cfg.train)
         self.gen, self.opt_g = session.prepare("gen", gen, build_adam(gen, cfg.train))
         self.disc = self.opt_d = None
