@@ -105,6 +105,7 @@ class DiscriminatorConfig:
     full_resolution_block: bool = True
     global_evidence: str = "features"  # features: the paper's head on pooled ResNet features; features+pixels: plus the per-pixel map's soft minimum (hybridgan.models.hybrid)
     resnet_weights: str = ""
+    zero_init_residual: bool = False  # from random weights: each residual block starts as the identity (its last BatchNorm scale 0)
     pretrained: str = ""
     from_scratch: bool = False
     min_pretrain_accuracy: float = 0.6  # GAN training refuses a pretraining export whose recorded held-out accuracy is below this (chance is 0.5)
@@ -155,6 +156,7 @@ class StageConfig:
     lr: float = 8e-4
     lr_scaling: str = "none"
     warmup_steps: int = 0  # the learning rate ramps linearly from 0 over these steps
+    lr_decay: str = "none"  # "cosine": after the warm-up, a half cosine down to 0 at the stage's last step
     reference_batch_size: int = 16
     grad_clip: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
@@ -219,6 +221,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.channels_last": (False, True, "auto"),
     "pretrain.lr_scaling": ("none", "linear", "sqrt"),
     "train.lr_scaling": ("none", "linear", "sqrt"),
+    "pretrain.lr_decay": ("none", "cosine"),
+    "train.lr_decay": ("none", "cosine"),
     "eval.lpips_net": ("alex", "vgg", "squeeze"),
 }
 _POSITIVE = (

@@ -24,6 +24,7 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -204,10 +205,10 @@ class TrainingSession:
         """Backward and step of one model: through its own engine under DeepSpeed (Accelerate's
         `backward` drives only the last engine prepared; the engine clips as its config says), else
         zero_grad, `accelerator.backward`, clipping to `grad_clip` when set, step. The learning rate
-        follows `warmup_lr` (a function of the step alone, so a resumed run steps alike). The gradient
+        follows `stage_lr` (a function of the step alone, so a resumed run steps alike). The gradient
         norm (the clipping's, or computed on the device without a sync) is checked at the next flush;
         not under fp16's loss scaling, whose scaler skips the steps with non-finite gradients."""
-        lr = warmup_lr(self.stage_cfg, self.state.step)
+        lr = stage_lr(self.stage_cfg, self.state.step, self.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if self.uses_deepspeed:
@@ -642,12 +643,18 @@ def cast_floating_io(module: torch.nn.Module, dtype: torch.dtype) -> None:
     module.register_forward_hook(lambda _module, _args, output: cast(output, torch.float32))
 
 
-def warmup_lr(stage_cfg: StageConfig, step: int) -> float:
-    """The stage's learning rate at 0-based `step`: `scaled_lr`, ramped linearly over the first
-    `warmup_steps` steps (step 0 takes 1 / warmup_steps of it)."""
+def stage_lr(stage_cfg: StageConfig, step: int, total_steps: int) -> float:
+    """The stage's learning rate at 0-based `step` of `total_steps`: `scaled_lr`, ramped linearly over
+    the first `warmup_steps` steps (step 0 takes 1 / warmup_steps of it), then with `lr_decay: cosine`
+    falling along a half cosine from there to 0 after the last step. A function of the step and the
+    stage's length alone: a resumed run steps alike (lengthening a run re-draws the decay ahead)."""
     lr = scaled_lr(stage_cfg)
     if stage_cfg.warmup_steps > 0:
         lr *= min(1.0, (step + 1) / stage_cfg.warmup_steps)
+    decay_steps = total_steps - stage_cfg.warmup_steps
+    if stage_cfg.lr_decay == "cosine" and decay_steps > 0:
+        progress = min(1.0, max(0, step - stage_cfg.warmup_steps) / decay_steps)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr
 
 

@@ -146,6 +146,14 @@ def _encoder_features(d: HybridDiscriminator, image: torch.Tensor) -> tuple[torc
     return stem, f1, f2, f3, e.layer4(f3)
 
 
+def test_zero_init_residual_starts_every_bottleneck_as_the_identity() -> None:
+    plain = HybridDiscriminator(DiscriminatorConfig(), 64).encoder
+    zeroed = HybridDiscriminator(DiscriminatorConfig(zero_init_residual=True), 64).encoder
+    blocks = [block for layer in (zeroed.layer1, zeroed.layer2, zeroed.layer3, zeroed.layer4) for block in layer]
+    assert len(blocks) == 16 and all(float(block.bn3.weight.abs().max()) == 0.0 for block in blocks)
+    assert float(plain.layer1[0].bn3.weight.abs().min()) == 1.0
+
+
 def test_hybrid_rejects_size_not_divisible_by_32() -> None:
     with pytest.raises(ValueError, match="image_size=48"):
         HybridDiscriminator(DiscriminatorConfig(decoder_width=4), 48)

@@ -12,7 +12,8 @@ from hybridgan.config import load_config
 from hybridgan.pack import pack
 from hybridgan import report
 from hybridgan.exports import export_metadata, load_export
-from hybridgan.pretrain import EXPORT_NAME, pretrain
+from hybridgan.data.loader import batches_per_epoch
+from hybridgan.pretrain import BATCHNORM_BATCHES, EXPORT_NAME, pretrain
 from hybridgan.session import EXIT_REQUEUE
 from stage_runs import (accelerate_2_ranks, assert_same_weights, kill_after_checkpoint, latest_step,
                         launches, read_records, run_stage)
@@ -53,6 +54,19 @@ def test_export_rebuilds_with_its_config(learned):
     assert saved_cfg == cfg
     assert any(key.startswith("encoder") or "layer4" in key for key in state)
     assert (stage / "config.yaml").read_text().count("image_size: 64") == 1
+
+
+def test_the_export_carries_batchnorm_statistics_re_estimated_on_training_batches(learned):
+    """Every BatchNorm of the export was reset and averaged over the recalibration batches, not
+    the running average of the training steps (which would count every step)."""
+    cfg, stage = learned
+    state, _ = load_export(stage / EXPORT_NAME, "discriminator")
+    counts = {key: int(value) for key, value in state.items() if key.endswith("num_batches_tracked")}
+    recalibration = min(BATCHNORM_BATCHES, batches_per_epoch(cfg, "train", 16, train=False))
+    training_steps = EPOCHS * batches_per_epoch(cfg, "train", 16)
+    assert len(counts) >= 53 and set(counts.values()) == {recalibration} != {training_steps}
+    running_vars = [value for key, value in state.items() if key.endswith("running_var")]
+    assert all(bool((var > 0).all()) for var in running_vars)
 
 
 def test_tensorboard_holds_table1_and_the_blur_grid(learned):

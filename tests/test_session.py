@@ -23,7 +23,7 @@ from hybridgan import checkpoint
 from hybridgan.checkpoint import verify_manifest
 from hybridgan.config import load_config, scaled_lr
 from hybridgan.pretrain import pretrain
-from hybridgan.session import EXIT_REQUEUE, TrainingError, TrainingSession, build_adam
+from hybridgan.session import EXIT_REQUEUE, TrainingError, TrainingSession, build_adam, stage_lr
 from hybridgan.train import GanTraining, train
 from stage_runs import (REPO, accelerate_2_ranks, kill_after_checkpoint, latest_step, launches, read_records,
                         run_stage, stage_env, wait_for)
@@ -146,6 +146,16 @@ def test_global_batch_per_rank_and_the_lr_rule():
     assert scaled_lr(sqrt.train) == pytest.approx(0.0016)
     adam = build_adam(torch.nn.Linear(2, 2), sqrt.train)
     assert adam.param_groups[0]["lr"] == pytest.approx(0.0016) and adam.param_groups[0]["fused"]
+
+
+def test_the_lr_warms_up_then_follows_a_half_cosine_to_zero():
+    cfg = load_config(None, ["pretrain.lr=0.001", "pretrain.warmup_steps=4", "pretrain.lr_decay=cosine"]).pretrain
+    lrs = [stage_lr(cfg, step, total_steps=12) for step in range(13)]
+    assert lrs[:4] == pytest.approx([0.00025, 0.0005, 0.00075, 0.001])
+    assert lrs[4] == pytest.approx(0.001) and lrs[8] == pytest.approx(0.0005) and lrs[12] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    constant = load_config(None, ["pretrain.lr=0.001"]).pretrain
+    assert {stage_lr(constant, step, total_steps=12) for step in range(12)} == {0.001}
 
 
 @pytest.mark.slow

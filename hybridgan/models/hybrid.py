@@ -148,7 +148,7 @@ class HybridDiscriminator(nn.Module):
         super().__init__()
         if image_size % 32:
             raise ValueError(f"image_size={image_size} must be divisible by 32 for the ResNet50 discriminator")
-        self.encoder = torchvision.models.resnet50(weights=None)
+        self.encoder = torchvision.models.resnet50(weights=None, zero_init_residual=cfg.zero_init_residual)
         self.encoder.fc = nn.Identity()  # replaced by the global head; keeps every parameter in use (DDP)
         if cfg.resnet_weights:
             load_resnet_weights(self.encoder, cfg.resnet_weights)
