@@ -16,6 +16,7 @@ from PIL import Image
 from hybridgan.config import PackConfig, load_config
 
 from hybridgan.data import loader as loader_module
+from hybridgan.data import samples as samples_module
 from hybridgan.data.blur import blur_square
 from hybridgan.data.loader import (BatchPlan, LoaderError, SplitLayout, SplitLoader, batches_per_epoch, epoch_sequence,
                                   make_loader, to_device)
@@ -218,7 +219,7 @@ def test_training_and_evaluation_share_the_pixel_path(shards, monkeypatch):
     """A face through the training path with the crop forced to the centre and no flip gives the
     evaluation view's pixels, which are preprocess.eval_face of the stored frame; the blur path too."""
     cfg = _cfg(shards, "data.hflip=false")
-    monkeypatch.setattr(loader_module, "crop_box", lambda frame, fraction, rng=None: crop_box(frame, fraction))
+    monkeypatch.setattr(samples_module, "crop_box", lambda frame, fraction, rng=None: crop_box(frame, fraction))
     train = {k: (img, blurred) for b in _epoch(cfg, with_blur=True, workers=0)
              for k, img, blurred in zip(b["key"], b["image"], b["blurred"])}
     evals = {k: img for b in _epoch(cfg, "train", train=False, workers=0) for k, img in zip(b["key"], b["image"])}

@@ -7,7 +7,8 @@ frame with the blur square) and `"blur_target"` (float32 [b,1,S,S]: 0 inside the
 fractional on edge pixels) and `"blur_variance"` (float32 [b], the Gaussian's variance in the frame) when `with_blur`. `to_device(batch, device)` moves a batch to the device
 and turns its uint8 images into float in [-1, 1] there. `make_loader` is the one-shot form for
 evaluation passes. `train_loader` gives the training loops this loader or, with `data.resident`, the
-split decoded once into device memory (hybridgan/data/resident.py). See docs/data-loading.md for the
+split decoded once into device memory (hybridgan/data/resident.py). Both read the epoch plan of
+hybridgan/data/plan.py and the samples of hybridgan/data/samples.py. See docs/data-loading.md for the
 design and its reasons.
 
 The epoch as a global sample sequence (a pure function of the manifest, run.seed and the epoch):
@@ -31,237 +32,35 @@ never from global RNG state, ranks or workers.
 from __future__ import annotations
 
 import atexit
-import hashlib
-import io
-import math
 import multiprocessing
-import re
 import signal
-import tarfile
 import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hybridgan.config import BlurConfig, Config
+from hybridgan.config import Config
 from hybridgan.data.blur import blur_in, blur_target, draw_square
-from hybridgan.data.manifest import shard_entries
-from hybridgan.data.preprocess import Box, crop_box, face_pixels
+from hybridgan.data.plan import (BatchPlan, EpochPlanner, LoaderError, SplitLayout, batches_per_epoch, epoch_sequence,
+                                 stable_seed)
+from hybridgan.data.preprocess import face_pixels
+from hybridgan.data.resident import ResidentLoader
+from hybridgan.data.samples import SampleOptions, augmentation, open_frame, read_shard, sample_options
 
-if TYPE_CHECKING:
-    from hybridgan.data.resident import ResidentLoader
-
-
-class LoaderError(ValueError):
-    """A split that cannot be read as asked (a bad batch size, an unreadable shard); one line."""
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 64-bit seed from `parts`, the same in every process and Python run (unlike hash())."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+__all__ = ["BatchPlan", "EpochPlanner", "LoaderError", "SplitLayout", "SplitLoader", "augmentation",
+           "batches_per_epoch", "decode_sample", "epoch_sequence", "make_loader", "open_frame", "read_shard",
+           "sample_options", "stable_seed", "to_device", "train_loader"]
 
 
-@dataclass(frozen=True)
-class SplitLayout:
-    """A split's shards as the manifest lists them: file paths and sample counts, in pack order."""
-
-    paths: tuple[str, ...]
-    counts: tuple[int, ...]
-
-    @classmethod
-    def read(cls, cfg: Config, split: str) -> SplitLayout:
-        entries = shard_entries(cfg.data.shards, split)
-        return cls(tuple(f"{cfg.data.shards}/{e['name']}" for e in entries),
-                   tuple(int(e["count"]) for e in entries))
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """Sample id of each shard's first sample (sample id = offset + index in the shard)."""
-        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
-
-
-def epoch_sequence(layout: SplitLayout, *, seed: int, epoch: int, train: bool, mix: int = 1,
-                   resampled: bool = False, samples: int = 0) -> np.ndarray:
-    """The epoch's global sample sequence: sample ids (see SplitLayout.offsets), int64.
-
-    Training: shards shuffled per (seed, epoch) (or drawn with replacement when `resampled`, until
-    `samples` samples, 0 = the split size), consecutive shards holding >= `mix` samples permuted
-    together per (seed, epoch, group). Evaluation: pack order.
-    """
-    offsets, counts = layout.offsets, np.asarray(layout.counts, dtype=np.int64)
-    if not train:
-        return np.arange(int(counts.sum()), dtype=np.int64)
-    rng = np.random.default_rng(stable_seed(seed, epoch, "shards"))
-    if resampled:
-        wanted = samples or int(counts.sum())
-        order, drawn = [], 0
-        while drawn < wanted:
-            order.append(int(rng.integers(len(counts))))
-            drawn += layout.counts[order[-1]]
-    else:
-        order = [int(i) for i in rng.permutation(len(counts))]
-    pieces, group, held = [], [], 0
-    for shard in order:
-        group.append(np.arange(offsets[shard], offsets[shard] + counts[shard], dtype=np.int64))
-        held += int(counts[shard])
-        if held >= mix:
-            pieces.append(_permuted(group, seed, epoch, len(pieces)))
-            group, held = [], 0
-    if group:
-        pieces.append(_permuted(group, seed, epoch, len(pieces)))
-    sequence = np.concatenate(pieces)
-    return sequence[:samples] if resampled and samples else sequence
-
-
-@dataclass(frozen=True)
-class EpochPlanner:
-    """A split's epoch sequences and one rank's BatchPlan of them: what every loader of the split
-    shares (the worker loader and the resident one)."""
-
-    layout: SplitLayout
-    sequence_args: dict[str, Any]
-    plan_args: dict[str, Any]
-
-    @classmethod
-    def of(cls, cfg: Config, layout: SplitLayout, *, train: bool, batch_size: int, rank: int,
-           world_size: int) -> EpochPlanner:
-        return cls(layout, dict(seed=cfg.run.seed, train=train, mix=cfg.data.shuffle_buffer,
-                                resampled=cfg.data.resampled, samples=cfg.data.samples_per_epoch),
-                   dict(batch_size=batch_size, rank=rank, world_size=world_size, train=train))
-
-    def plan(self, epoch: int) -> tuple[np.ndarray, BatchPlan]:
-        """The epoch's global sample sequence and this rank's plan of it."""
-        sequence = epoch_sequence(self.layout, epoch=epoch, **self.sequence_args)
-        return sequence, BatchPlan(len(sequence), **self.plan_args)
-
-
-def _permuted(group: list[np.ndarray], seed: int, epoch: int, index: int) -> np.ndarray:
-    ids = np.concatenate(group)
-    return ids[np.random.default_rng(stable_seed(seed, epoch, "group", index)).permutation(len(ids))]
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Which sequence positions rank `rank` of `world_size` reads, batch by batch, in one epoch."""
-
-    length: int  # samples in the epoch's sequence
-    batch_size: int  # global batch B
-    rank: int
-    world_size: int
-    train: bool
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.batch_size % self.world_size:
-            raise LoaderError(f"batch size {self.batch_size} is not a positive multiple of the world size "
-                              f"{self.world_size}: every rank takes an equal share of the global batch")
-
-    @property
-    def batches(self) -> int:
-        """This rank's batches per epoch (training: the same on every rank)."""
-        if self.train:
-            return self.length // self.batch_size
-        return len(range(self.rank, math.ceil(self.length / self.batch_size), self.world_size))
-
-    def positions(self, batches: range) -> list[np.ndarray]:
-        """Sequence positions of this rank's batches `batches` of the epoch, one array per batch."""
-        if self.train:
-            per_rank = self.batch_size // self.world_size
-            first = np.asarray(batches)[:, None] * self.batch_size + self.rank * per_rank
-            return list(first + np.arange(per_rank))
-        firsts = [(self.rank + j * self.world_size) * self.batch_size for j in batches]
-        return [np.arange(first, min(first + self.batch_size, self.length)) for first in firsts]
-
-    def worker_batches(self, worker: int, workers: int, start: int = 0) -> range:
-        """The batches worker `worker` of `workers` (>= 1) produces, from batch `start` on."""
-        return range(start + worker, self.batches, workers)
-
-
-def batches_per_epoch(cfg: Config, split: str, batch_size: int, *, train: bool | None = None) -> int:
-    """Optimisation steps per epoch for a global batch of `batch_size` on any world size (training),
-    or batches of an evaluation pass on one rank (`train=False`, the partial last batch counted)."""
-    train = split == "train" if train is None else train
-    layout = SplitLayout.read(cfg, split)
-    length = len(_sequence(cfg, layout, epoch=0, train=train))
-    return BatchPlan(length, batch_size, 0, 1, train).batches
-
-
-def _sequence(cfg: Config, layout: SplitLayout, *, epoch: int, train: bool) -> np.ndarray:
-    return epoch_sequence(layout, seed=cfg.run.seed, epoch=epoch, train=train, mix=cfg.data.shuffle_buffer,
-                          resampled=cfg.data.resampled, samples=cfg.data.samples_per_epoch)
-
-
-@dataclass(frozen=True)
-class _Options:
-    """What turns one stored sample into arrays."""
-
-    image_size: int
-    crop_fraction: float
-    hflip: bool
-    train: bool
-    with_blur: bool
-    blur: BlurConfig
-    seed: int
-
-
-def sample_options(cfg: Config, train: bool, with_blur: bool = False) -> _Options:
-    """What `cfg` asks of each sample: training (random crop, flip) or not, with the blur or not."""
-    return _Options(cfg.data.image_size, cfg.data.crop_fraction, cfg.data.hflip, train, with_blur, cfg.blur,
-                    cfg.run.seed)
-
-
-def augmentation(opts: _Options, epoch: int, key: str, frame: int) -> tuple[Box, bool, np.random.Generator]:
-    """The crop box and flip of sample `key` in `epoch` (training: drawn per (seed, epoch, key);
-    otherwise the centred box, no flip), and the generator they were drawn from, which then draws
-    the pretraining blur. The one source of both for the worker and the resident loader."""
-    rng = np.random.default_rng(stable_seed(opts.seed, epoch if opts.train else "eval", key))
-    box = crop_box(frame, opts.crop_fraction, rng if opts.train else None)
-    flip = bool(opts.train and opts.hflip and rng.random() < 0.5)
-    return box, flip, rng
-
-
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key and extension, as WebDataset splits them
-
-
-def read_shard(path: str, count: int) -> list[tuple[str, bytes]]:
-    """(key, JPEG bytes) of every sample of the shard at `path`, in tar order; a read error or a
-    sample count other than the manifest's `count` is a LoaderError naming the shard."""
-    samples: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                match = _MEMBER.match(member.name)
-                if member.isfile() and match and match.group(2) == "jpg":
-                    samples[match.group(1)] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise LoaderError(f"{path}: cannot read the shard ({err}); re-pack the dataset "
-                          f"(python -m hybridgan.pack)") from None
-    if len(samples) != count:
-        raise LoaderError(f"{path}: the shard holds {len(samples)} samples, the manifest says {count}; "
-                          f"re-pack the dataset (python -m hybridgan.pack)")
-    return list(samples.items())
-
-
-def open_frame(key: str, jpeg: bytes, url: str = "?") -> Image.Image:
-    """The decoded RGB frame of one sample; a sample that does not decode is a LoaderError naming
-    shard and key."""
-    try:
-        return Image.open(io.BytesIO(jpeg)).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
-        raise LoaderError(f"{url}: sample {key}: not a readable JPEG ({err}); re-pack the dataset "
-                          f"(python -m hybridgan.pack)") from None
-
-
-def decode_sample(key: str, jpeg: bytes, opts: _Options, epoch: int, url: str = "?") -> dict[str, Any]:
+def decode_sample(key: str, jpeg: bytes, opts: SampleOptions, epoch: int, url: str = "?") -> dict[str, Any]:
     """One sample's arrays (see `_decode_arrays`)."""
     return _decode_arrays(key, open_frame(key, jpeg, url), opts, epoch)
 
 
-def _decode_arrays(key: str, frame: Image.Image, opts: _Options, epoch: int) -> dict[str, Any]:
+def _decode_arrays(key: str, frame: Image.Image, opts: SampleOptions, epoch: int) -> dict[str, Any]:
     """image (and blurred, blur_target) at image_size: uint8 [S,S,3] / float32 [S,S], through
     hybridgan.data.preprocess (a random crop and flip in training, the centred crop otherwise)."""
     side = frame.size[0]
@@ -308,7 +107,7 @@ class _EpochBatches(IterableDataset):
     """The batches of one rank; the epoch and first batch come through shared memory, so that
     persistent DataLoader workers serve every epoch of the run."""
 
-    def __init__(self, planner: EpochPlanner, opts: _Options) -> None:
+    def __init__(self, planner: EpochPlanner, opts: SampleOptions) -> None:
         super().__init__()
         self.planner, self.layout, self.opts = planner, planner.layout, opts
         self.epoch_and_start = multiprocessing.RawArray("q", 2)
@@ -414,8 +213,6 @@ def train_loader(cfg: Config, split: str, *, batch_size: int, rank: int = 0, wor
     (`data.resident`, see hybridgan/data/resident.py) or the worker loader. Pretraining (`with_blur`)
     keeps the worker loader, whose blur is made on the CPU; with data.resident set it says so."""
     if cfg.data.resident and not with_blur:
-        from hybridgan.data.resident import ResidentLoader
-
         return ResidentLoader(cfg, split, batch_size=batch_size, rank=rank, world_size=world_size, device=device)
     if cfg.data.resident and rank == 0:
         print("data.resident: pretraining reads its batches with the worker loader (the blur is made on the CPU)")

@@ -2,7 +2,7 @@
 
 `ResidentLoader` is a drop-in for the worker loader of GAN training (`SplitLoader`): the same epoch
 sequence, `BatchPlan` and rank slice, the same crop box and flip per (seed, epoch, key) (both come
-from `hybridgan.data.loader.augmentation`), and batches of the same uint8 pixels, bit for bit. The
+from `hybridgan.data.samples.augmentation`), and batches of the same uint8 pixels, bit for bit. The
 frames (the pack's stored size, e.g. 256 x 256) are decoded once when the loader is built, by
 `data.workers` processes, into one uint8 tensor [N, 3, F, F] on the training device; each step then
 gathers its frames there and crops + resizes them with `PillowBilinear`, an integer
@@ -37,10 +37,10 @@ import torch
 from tqdm import tqdm
 
 from hybridgan.config import Config
-from hybridgan.data.loader import (EpochPlanner, LoaderError, SplitLayout, augmentation, open_frame, read_shard,
-                                   sample_options)
 from hybridgan.data.manifest import read_manifest
+from hybridgan.data.plan import EpochPlanner, LoaderError, SplitLayout
 from hybridgan.data.preprocess import crop_side
+from hybridgan.data.samples import augmentation, open_frame, read_shard, sample_options
 
 PRECISION_BITS = 32 - 8 - 2
 """Pillow's fixed-point precision of 8-bit resampling coefficients."""
