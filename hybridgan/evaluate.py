@@ -13,9 +13,10 @@ centred square of side min(W, H) resized to `pack.source_size`), then seen as th
 (the centred `data.crop_fraction` crop resized to `data.image_size`).
 One pass over the split feeds every generator and two baselines the same images and masks: the
 mean-colour fill and OpenCV's classical Telea inpainting (`cv2.inpaint`, radius 3, on the 8-bit face). Every rank reads the whole split and handles every world_size-th batch (so the masks
-and the numbers do not depend on the number of processes); per-image values are gathered with
-`gather_for_metrics` and the main process writes, into `--out` (default: `runs/<name>/eval/`
-next to the first RUN's stage folder):
+and the numbers do not depend on the number of processes); the means over the faces of every rank
+are `hybridgan.distributed.mean_over_ranks`, the per-image values (for the paired comparisons) are
+gathered with `gather_for_metrics`, and the main process writes, into `--out` (default:
+`runs/<name>/eval/` next to the first RUN's stage folder):
 
 - `eval.json` (strict JSON: null where a value is undefined): per row (each RUN, then the two
   baselines) name, path, discriminator kind, metrics (the hole metrics and `lpips`, means over the
@@ -66,6 +67,7 @@ from hybridgan.data.manifest import ManifestError, shard_urls
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.data.photo import PhotoError, open_photo, square_frame
 from hybridgan.data.preprocess import eval_face
+from hybridgan.distributed import mean_over_ranks
 from hybridgan.inpaint import InpaintError, expand_photos, load_generator, resolve_export
 from hybridgan.metrics import METRICS, PSNR_CEILING, hole_box, hole_metrics, mean_fill
 from hybridgan.models import ContextEncoder
@@ -248,13 +250,15 @@ def collect(runs: list[Run], cfg: Config, split: str, batch_size: int, max_batch
     return collector
 
 
-def summarise(rows: list[Row], names: list[str], metrics: list[str]) -> dict[str, dict[str, float]]:
-    """Mean of each metric per row name, plus `n`."""
+def summarise(rows: list[Row], names: list[str], metrics: list[str],
+              accelerator: Accelerator) -> dict[str, dict[str, float]]:
+    """Mean of each metric per row name over the faces of every rank (`mean_over_ranks`; this rank's
+    `rows`), plus `n`, the number of faces. Every rank calls it."""
     summary = {}
     for name in names:
         values = [row_metrics for row, _, row_metrics in rows if row == name]
-        summary[name] = {m: float(np.mean([v[m] for v in values])) if values else math.nan for m in metrics}
-        summary[name]["n"] = len(values)
+        means, n = mean_over_ranks(accelerator, {m: sum(v[m] for v in values) for m in metrics}, len(values))
+        summary[name] = {**{m: means[m] for m in metrics}, "n": n}
     return summary
 
 
@@ -551,11 +555,11 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, ValueError) as err:  # ValueError: a MetricError, ManifestError ... (one line)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    names = [run.name for run in runs] + list(BASELINES)
+    summary = summarise(collector.rows, names, collector.metrics, accelerator)
     rows = accelerator.gather_for_metrics(collector.rows, use_gather_object=True)
     features = accelerator.gather_for_metrics(collector.features, use_gather_object=True)
     if accelerator.is_main_process:
-        names = [run.name for run in runs] + list(BASELINES)
-        summary = summarise(rows, names, collector.metrics)
         sets = perceptual_sets(features, names, cfg.run.seed)
         pairs = pairwise(runs, rows, summary, cfg.run.seed, collector.metrics)
         results = results_json(runs, summary, args.split, cfg, comparison(pairs), args.photos,

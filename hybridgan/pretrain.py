@@ -24,6 +24,7 @@ from torchvision.utils import make_grid
 from hybridgan.blur_metrics import BlurHeldOut, merge, summary
 from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
+from hybridgan.distributed import mean_over_ranks
 from hybridgan.exports import save_export
 from hybridgan.losses import blur_discriminator_loss, decided_real
 from hybridgan.models import DiscOutput, build_discriminator
@@ -94,7 +95,7 @@ class BlurPretraining:
         disc = acc.unwrap_model(self.disc)
         self.recalibrate_batchnorm(disc)
         disc.eval()
-        totals = torch.zeros(2, device=session.device)
+        loss_sum, images = torch.zeros((), device=session.device), 0
         collected = BlurHeldOut()
         loader = make_loader(cfg, "test", batch_size=cfg.pretrain.batch_size, with_blur=True)
         limit = cfg.pretrain.eval_batches or None
@@ -107,19 +108,19 @@ class BlurPretraining:
                                                              self.coins("blur-coin-test", index))
             with acc.autocast():
                 out = disc(inputs)
-            n = float(inputs.shape[0])
             loss = blur_discriminator_loss(out, global_target, pixel_target, cfg.loss)
-            totals += torch.stack([loss.float() * n, torch.tensor(n, device=session.device)])
+            loss_sum += loss.float() * inputs.shape[0]
+            images += inputs.shape[0]
             collected.add(index * cfg.pretrain.batch_size, decided_real(out, cfg.loss.blur_objective),
                           global_target, batch["blur_variance"], inputs, out.pixel_score, pixel_target,
                           1.0 - batch["blur_target"])
             if index == 0 and session.is_main:
                 session.logger.image("test/original_blurred_pixelmap", blur_grid(disc, batch), session.state.step)
-        totals = acc.reduce(totals, reduction="sum")
+        test_loss = mean_over_ranks(acc, {"test_loss": loss_sum}, images)[0]["test_loss"]
         disc.train()
         data = merge(gather_object([collected.arrays()]))
         correct = (data["decided_real"] == data["is_real"]).mean()
-        values = {"test_loss": (totals[0] / totals[1]).item(), "test_accuracy": float(correct),
+        values = {"test_loss": test_loss, "test_accuracy": float(correct),
                   **summary(data, cfg.blur.min_variance, cfg.blur.max_variance)}
         session.logger.scalars("test", session.state.step, epoch + 1, values)
         self.test_accuracy = values["test_accuracy"]

@@ -27,6 +27,7 @@ from hybridgan.balance import LastLayer, mix_gradients
 from hybridgan.config import Config
 from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
 from hybridgan.data.masks import apply_mask, make_masks
+from hybridgan.distributed import mean_over_ranks
 from hybridgan.exports import ExportError, export_metadata, load_export, save_export
 from hybridgan.losses import (
     adversarial_loss, d_output, discriminator_joint_loss, pixel_loss, trained_pixel_loss,
@@ -216,7 +217,10 @@ class GanTraining:
                                      session.state.step)
         gen.train()
         epoch = -(-session.state.step // session.steps_per_epoch)
-        session.logger.scalars("val", session.state.step, epoch, reduce_means(session, tracker))
+        values = tracker.per_image()
+        means, _ = mean_over_ranks(session.accelerator, {name: value.sum() for name, value in values.items()},
+                                   values["psnr"].numel())
+        session.logger.scalars("val", session.state.step, epoch, means)
 
     def export(self) -> Path:
         path = self.session.dir / EXPORT_NAME
@@ -224,15 +228,6 @@ class GanTraining:
         if self.session.is_main:
             save_export(state, path, self.cfg, "generator")
         return path
-
-
-def reduce_means(session: TrainingSession, tracker: HoleMetrics) -> dict[str, float]:
-    """Mean of each metric over every image of every rank."""
-    values = tracker.per_image()
-    names = sorted(values)
-    sums = torch.stack([values[n].sum() for n in names] + [torch.tensor(float(values[names[0]].numel()))])
-    sums = session.accelerator.reduce(sums.to(session.device), reduction="sum")
-    return {name: (sums[i] / sums[-1]).item() for i, name in enumerate(names)}
 
 
 def inpaint_grid(real: torch.Tensor, mask: torch.Tensor, filled: torch.Tensor, rows: int = 8) -> torch.Tensor:
