@@ -83,6 +83,7 @@ class TrainingSession:
         self.folder = StageFolder(self.dir, cfg, self.stage_key, self.accelerator)
         self.cadence = Cadence(stage_cfg, self.accelerator, clock=lambda: clock())  # read late: tests replace it
         self.losses = LossBook(self.accelerator, self.state)
+        self.total_steps = 0  # set by `start`; before it, `optimize` steps at the undecayed lr (`stage_lr`)
         self._bar: tqdm | None = None
         self._last_checkpoint_step = -1
         self.folder.open()
