@@ -23,7 +23,7 @@ from torchvision.utils import make_grid
 
 from hybridgan.blur_metrics import BlurHeldOut, merge, summary
 from hybridgan.config import Config
-from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
+from hybridgan.data.loader import make_loader, stable_seed, to_device
 from hybridgan.distributed import mean_over_ranks
 from hybridgan.exports import save_export
 from hybridgan.losses import blur_discriminator_loss, decided_real
@@ -180,10 +180,7 @@ def pretrain(cfg: Config) -> Path:
     """Run (or resume) the pretraining stage of `cfg`; returns the exported discriminator's path."""
     session = TrainingSession(cfg, STAGE, cfg.pretrain)
     job = BlurPretraining(cfg, session)
-    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.pretrain.batch_size)
-    run_stage(session, steps_per_epoch, job.step, job.held_out,
-              train_loader(cfg, "train", batch_size=cfg.pretrain.batch_size, rank=session.rank,
-                           world_size=session.world_size, with_blur=True))
+    run_stage(session, job.step, job.held_out, with_blur=True)
     path = job.export()
     session.finish()
     session.print(f"pretraining done: {path}")

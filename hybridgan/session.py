@@ -42,6 +42,7 @@ from hybridgan.core.engine import (backward_and_step, build_adam, check_cpu_comp
 from hybridgan.core.errors import TrainingError
 from hybridgan.core.folder import StageFolder
 from hybridgan.core.loss_book import LossBook, NonFinite, TrainState
+from hybridgan.data.loader import batches_per_epoch, train_loader
 from hybridgan.host_memory import keep_freed_memory
 from hybridgan.tracking import MetricsLogger
 
@@ -318,13 +319,17 @@ class TrainingSession:
         self.close()
 
 
-def run_stage(session: TrainingSession, steps_per_epoch: int,
-              step: Callable[[dict], dict[str, torch.Tensor]], on_epoch_end: Callable[[int], None],
-              loader: Callable[[int, int], Iterable[Any]], on_eval: Callable[[], None] | None = None) -> None:
-    """The loop both stages share: `epochs` x `steps_per_epoch` steps (or `max_steps`), resumable."""
-    stage_cfg = session.stage_cfg
+def run_stage(session: TrainingSession, step: Callable[[dict], dict[str, torch.Tensor]],
+              on_epoch_end: Callable[[int], None], on_eval: Callable[[], None] | None = None,
+              with_blur: bool = False) -> None:
+    """The loop both stages share: `epochs` epochs of the train split (or `max_steps` steps), resumable.
+    `with_blur`: batches with the pretraining blur (`hybridgan.data.loader.train_loader`)."""
+    cfg, stage_cfg = session.cfg, session.stage_cfg
+    steps_per_epoch = batches_per_epoch(cfg, "train", stage_cfg.batch_size)
+    loader = train_loader(cfg, "train", batch_size=stage_cfg.batch_size, rank=session.rank,
+                          world_size=session.world_size, device=session.device, with_blur=with_blur)
     if steps_per_epoch < 1:
-        raise TrainingError(f"{session.cfg.data.shards}: too few training images for one global batch of "
+        raise TrainingError(f"{cfg.data.shards}: too few training images for one global batch of "
                             f"{stage_cfg.batch_size}")
     total = stage_cfg.epochs * steps_per_epoch if stage_cfg.epochs else stage_cfg.max_steps
     if stage_cfg.max_steps:

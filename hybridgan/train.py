@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 
 from hybridgan.balance import LastLayer, mix_gradients
 from hybridgan.config import Config
-from hybridgan.data.loader import batches_per_epoch, make_loader, stable_seed, to_device, train_loader
+from hybridgan.data.loader import make_loader, stable_seed, to_device
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.distributed import mean_over_ranks
 from hybridgan.exports import ExportError, export_metadata, load_export, save_export
@@ -242,11 +242,7 @@ def train(cfg: Config) -> Path:
     """Run (or resume) GAN training of `cfg`; returns the exported generator's path."""
     session = TrainingSession(cfg, stage_name(cfg), cfg.train, models=model_names(cfg))
     job = GanTraining(cfg, session)
-    steps_per_epoch = batches_per_epoch(cfg, "train", cfg.train.batch_size)
-    run_stage(session, steps_per_epoch, job.step, lambda epoch: job.validate(),
-              train_loader(cfg, "train", batch_size=cfg.train.batch_size, rank=session.rank,
-                           world_size=session.world_size, device=session.device),
-              on_eval=job.validate)
+    run_stage(session, job.step, lambda epoch: job.validate(), on_eval=job.validate)
     path = job.export()
     session.finish()
     session.print(f"training done: {path}")
