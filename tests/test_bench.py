@@ -121,7 +121,7 @@ def test_bench_rejects_zero_steps(capsys):
 
 def test_matrix_writes_each_cell_with_mfu_memory_and_data_wait(tiny_shards, tmp_path, monkeypatch, capsys):
     """The GPU script's logic on the CPU: one eager cell measured, a compiled one skipped by --no-compile."""
-    monkeypatch.setattr(bench, "MATRIX", [("no", False, "pathak"), ("bf16", True, "hybrid")])
+    monkeypatch.setattr(bench.matrix, "MATRIX", [("no", False, "pathak"), ("bf16", True, "hybrid")])
     out = tmp_path / "matrix.json"
     args = ["matrix", "--cpu", "--no-compile", "--steps", "2", "--warmup", "1", "--batch-size", "4",
             "--rate-size", "128", "--json", str(out), *tiny_args(tiny_shards, tmp_path / "runs")]
@@ -165,7 +165,7 @@ def test_machine_rates_time_only_the_precisions_the_device_runs_natively(monkeyp
 
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU: bf16 is emulated
     timed = []
-    monkeypatch.setattr(bench, "_best_seconds", lambda fn, repeats, sync: timed.append(fn()) or 1e-3)
+    monkeypatch.setattr(bench.measure, "_best_seconds", lambda fn, repeats, sync: timed.append(fn()) or 1e-3)
     rates = bench.machine_rates(torch.device("cpu"), 64, repeats=1)
     assert rates["precisions"] == ["fp32"] and rates["best_matmul_precision"] == "fp32"
     assert all(result.dtype == torch.float32 for result in timed) and len(timed) == 3
