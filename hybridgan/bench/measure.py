@@ -147,12 +147,14 @@ def vs_machine(figures: dict[str, Any], before: dict[str, Any], after: dict[str,
 
 
 def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """`title`, then `columns` of `rows` right-aligned, one line per row."""
     lines = [title, "  ".join(f"{c:>14}" for c in columns)]
     lines += ["  ".join(f"{row[c]:>14}" for c in columns) for row in rows]
     return "\n".join(lines)
 
 
 def count_arg(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`, else an error naming the text."""
     def parse(text: str) -> int:
         try:
             value = int(text)
