@@ -114,3 +114,13 @@ def test_templates_ask_for_the_cpus_of_the_paper_config_and_pass_them_to_srun() 
     evaluate = (REPO / "slurm" / "evaluate.sbatch").read_text()
     assert f"#SBATCH --cpus-per-task={task_cpus(1, paper.data.workers)}\n" in evaluate
     assert 'srun --ntasks-per-node=1 --cpus-per-task="$cpus"' in (REPO / "slurm" / "common.sh").read_text()
+
+
+def test_a_node_list_outside_slurm_is_one_line_naming_scontrol(tmp_path) -> None:
+    env = {"PATH": str(tmp_path), "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.launch", "--dry-run", "-m", "hybridgan.train"],
+                          env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == ("launch: SLURM_JOB_NODELIST=gpu[01-02] needs scontrol to find the main node, and "
+                           "scontrol is not on PATH: run inside the Slurm job, or pass --main-ip HOST\n")
+    assert proc.stdout == ""
