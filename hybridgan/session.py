@@ -18,7 +18,7 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 - the NaN guard: a non-finite loss, gradient norm, weight or buffer (BatchNorm's running statistics)
   stops the run with one line naming the step and the value, before any checkpoint or export of it,
   and the last good checkpoint stays the latest,
-- rank-0-only metrics (`metrics.jsonl`, TensorBoard) and the progress bar.
+- rank-0-only metrics (`metrics.jsonl`, the trackers of `tracking.backends`) and the progress bar.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import (DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, broadcast_object_list,
                               set_seed)
 import yaml
@@ -57,7 +58,7 @@ from hybridgan.devices import resolve_mixed_precision, use_channels_last
 from hybridgan.exports import non_finite
 from hybridgan.host_memory import keep_freed_memory
 from hybridgan.lock import StageBusyError, StageLock
-from hybridgan.tracking import MetricsLogger, append_record, set_aside_torn_line
+from hybridgan.tracking import MetricsLogger, append_record, flat_config, set_aside_torn_line, stage_trackers
 
 EXIT_REQUEUE = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): not done, re-run to resume."""
@@ -75,7 +76,7 @@ RESCHEDULABLE = ("log_every", "checkpoint_every", "checkpoint_every_minutes", "c
 RESCHEDULABLE_DATA = ("data.workers", "data.resident")
 """Data keys that a resume may change: how the same batches are made, not which."""
 
-ONE_RUN = ("run.restart_damaged", "discriminator.min_pretrain_accuracy")
+ONE_RUN = ("run.restart_damaged", "discriminator.min_pretrain_accuracy", "tracking.backends")
 """Keys that instruct one run rather than describe the experiment: never compared on resume."""
 
 LENGTHS = ("epochs", "max_steps")
@@ -131,7 +132,8 @@ class TrainingSession:
         self.stage_cfg = stage_cfg
         self.dir = Path(cfg.run.root) / cfg.run.name / stage
         self.stage_key = "pretrain" if stage_cfg is cfg.pretrain else "train"
-        self.accelerator = make_accelerator(stage_cfg, models)
+        self.accelerator = make_accelerator(stage_cfg, models, stage_trackers(cfg.tracking.backends, cfg.run.name,
+                                                                              self.dir))
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if stage_cfg.batch_size % self.world_size:
             raise TrainingError(f"{self.stage_key}.batch_size={stage_cfg.batch_size} (the global batch) is not "
@@ -150,7 +152,7 @@ class TrainingSession:
         self.accelerator.register_for_checkpointing(self.state)
         self.checkpoints = CheckpointManager(self.accelerator, self.dir, stage_cfg.keep_checkpoints,
                                              background=stage_cfg.checkpoint_async)
-        self.logger = MetricsLogger(self.dir, enabled=False)
+        self.logger = MetricsLogger(self.dir, None)
         self._lock = StageLock(self.dir)
         self._stop_signal: int | None = None
         self._pending_losses: list[tuple[int, dict[str, torch.Tensor]]] = []
@@ -309,7 +311,8 @@ class TrainingSession:
         except TrainingError:
             self._lock.release()
             raise
-        self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step, say=self.print)
+        self.logger = MetricsLogger(self.dir, self.accelerator, resume_step=self.state.step, say=self.print,
+                                    config=flat_config(OmegaConf.to_container(OmegaConf.structured(self.cfg))))
         self._record_launch(resumed_from)
         self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
         self._checkpointed_at = self._evaluated_at = clock()
@@ -600,20 +603,22 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...]) -> Accelerator:
-    """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision.
+def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...], trackers: list[GeneralTracker]) -> Accelerator:
+    """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision,
+    logging to `trackers` (`hybridgan.tracking.stage_trackers`).
 
     Under `accelerate launch --use_deepspeed` a stage that trains several models gets one
     DeepSpeed plugin (engine) per model, named by `models`, each from the launch's settings; on a
     machine without CUDA the process group uses gloo.
     """
     cpu = stage_cfg.cpu or not torch.cuda.is_available()
+    precision = resolve_mixed_precision(stage_cfg.mixed_precision, cpu)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu))
+        return Accelerator(cpu=cpu, mixed_precision=precision, log_with=trackers or None)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
     plugins = {name: DeepSpeedPlugin() for name in models} if len(models) > 1 else None
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu),
-                              kwargs_handlers=handlers, deepspeed_plugins=plugins)
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, deepspeed_plugins=plugins,
+                              log_with=trackers or None)
     for plugin in accelerator.state.deepspeed_plugins.values():
         # Our loaders are not prepared by Accelerate, so DeepSpeed cannot read the batch size off them;
         # the objective is the DDP path's: clipping only when the stage config asks (0 is off).
