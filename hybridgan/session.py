@@ -54,7 +54,7 @@ from hybridgan.atomic import write_text_atomic
 from hybridgan.checkpoint import CheckpointError, CheckpointManager, any_rank
 from hybridgan.config import (Config, StageConfig, add_config_arguments, cli_parser, config_from_args, save_config,
                               scaled_lr, to_yaml)
-from hybridgan.devices import resolve_mixed_precision, use_channels_last
+from hybridgan.devices import launched_mixed_precision, use_channels_last
 from hybridgan.exports import non_finite
 from hybridgan.host_memory import keep_freed_memory
 from hybridgan.lock import StageBusyError, StageLock
@@ -133,7 +133,7 @@ class TrainingSession:
         self.dir = Path(cfg.run.root) / cfg.run.name / stage
         self.stage_key = "pretrain" if stage_cfg is cfg.pretrain else "train"
         self.accelerator = make_accelerator(stage_cfg, models, stage_trackers(cfg.tracking.backends, cfg.run.name,
-                                                                              self.dir))
+                                                                              self.dir), self.stage_key)
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if stage_cfg.batch_size % self.world_size:
             raise TrainingError(f"{self.stage_key}.batch_size={stage_cfg.batch_size} (the global batch) is not "
@@ -603,8 +603,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...], trackers: list[GeneralTracker]) -> Accelerator:
-    """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision,
+def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...], trackers: list[GeneralTracker],
+                     stage_key: str) -> Accelerator:
+    """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision
+    (`stage_key.mixed_precision`, reconciled with the launcher's: `launched_mixed_precision`),
     logging to `trackers` (`hybridgan.tracking.stage_trackers`).
 
     Under `accelerate launch --use_deepspeed` a stage that trains several models gets one
@@ -612,7 +614,8 @@ def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...], trackers: 
     machine without CUDA the process group uses gloo.
     """
     cpu = stage_cfg.cpu or not torch.cuda.is_available()
-    precision = resolve_mixed_precision(stage_cfg.mixed_precision, cpu)
+    precision = launched_mixed_precision(stage_cfg.mixed_precision, cpu, f"{stage_key}.mixed_precision",
+                                         os.environ.get("ACCELERATE_MIXED_PRECISION"))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return Accelerator(cpu=cpu, mixed_precision=precision, log_with=trackers or None)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []

@@ -67,8 +67,8 @@ def accelerate_command(
     if num_processes > 1:
         cmd += ["--main_process_port", str(port)]
     if not accelerate_config:
-        # Explicit values instead of Accelerate's "defaults were used" warning; the stage's own
-        # config (train.mixed_precision) is what the Accelerator is built with.
+        # Explicit values instead of Accelerate's "defaults were used" warning; the launcher's "no"
+        # leaves the stage's own key (train.mixed_precision) alone (hybridgan.devices.launched_mixed_precision).
         cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     return cmd + ["-m", module, *args]
 
