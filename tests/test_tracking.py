@@ -148,3 +148,35 @@ def test_a_resume_may_change_the_trackers(tiny_shards, tmp_path):
     events = EventAccumulator(str(stage / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("train/disc_loss")] == [1, 2]  # the second launch logged no TensorBoard
+
+
+@pytest.mark.parametrize("name, as_list", [("wandb", True), ("swanlab", True), ("aim", False), ("clearml", False)])
+def test_an_image_grid_reaches_each_trackers_log_images_in_the_form_it_takes(name, as_list):
+    """Accelerate's `log_images` of W&B and SwanLab take a list of images per tag, Aim's and
+    ClearML's one image; each gets the grid as [H, W, 3] uint8."""
+    import numpy as np
+    import torch
+    from accelerate.tracking import GeneralTracker
+
+    from hybridgan.tracking import IMAGE_LOGGERS
+
+    class Recorder(GeneralTracker):
+        requires_logging_directory = False
+        tracker = None
+
+        def __init__(self) -> None:
+            self.name = name
+            super().__init__()
+            self.calls = []
+
+        def log_images(self, values, step=None, **kwargs):
+            self.calls.append((values, step))
+
+    grid = torch.tensor([0.0, 0.5, 1.0, 2.0]).repeat(3, 2, 1)  # [3, 2, 4], one value above 1
+    recorder = Recorder()
+    IMAGE_LOGGERS[name](recorder, "val/grid", grid, 7)
+    [(values, step)] = recorder.calls
+    image = values["val/grid"][0] if as_list else values["val/grid"]
+    assert step == 7 and list(values) == ["val/grid"] and isinstance(values["val/grid"], list) is as_list
+    assert image.dtype == np.uint8 and image.shape == (2, 4, 3)
+    assert image[1, :, 0].tolist() == [0, 128, 255, 255]
