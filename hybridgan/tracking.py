@@ -9,7 +9,8 @@ TensorBoard writes `<stage>/tb`; the other trackers name their experiment or pro
 N (steps that will be trained again) are dropped from `metrics.jsonl`, saying how many, and
 TensorBoard purges them likewise, so every number in the run folder belongs to the weights that the
 checkpoints hold; the other trackers start a new run at each launch. Nothing else is ever removed:
-records up to N stay.
+records up to N stay. The resolved config goes to every tracker as the run's hyperparameters
+(TensorBoard's, as Accelerate writes them, in `tb/<time>/` with an `hparams.yml`).
 
 A tracker whose package is not installed is an error when the stage starts (`TrackerError`, one
 line naming it and the package to install), not a silent omission: Accelerate itself drops such a
@@ -159,7 +160,7 @@ class MetricsLogger:
         write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def scalars(self, split: str, step: int, epoch: int, values: dict[str, float]) -> None:
-        """Append one record and its TensorBoard scalars."""
+        """Append one record, and send its scalars to every tracker as `<split>/<name>`."""
         if not self.enabled:
             return
         record: dict[str, Any] = {"step": step, "epoch": epoch, "split": split}
