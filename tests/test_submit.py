@@ -160,3 +160,27 @@ def test_slurm_args_reach_every_jobs_sbatch_lines_over_the_defaults(tmp_path) ->
         assert "#SBATCH --kill-on-invalid-dep=yes" not in lines
     train = executor_for(args, cfg, tmp_path / "submitit", "train-hybrid")._executor._make_submission_file_text("x", "u")
     assert "#SBATCH --gpus-per-node=8" in train.splitlines()
+
+
+def test_the_paper_chain_submits_gpu_jobs_with_no_cpu_override(tmp_path, monkeypatch) -> None:
+    """`jobs.submit chain --config configs/paper.yaml --data ... --cluster slurm`: every training job
+    asks for the templates' 8 GPUs per node, and nothing moves a stage to the CPU."""
+    from jobs.submit import main
+
+    submitted = {}
+
+    def record(executor, function, *args):
+        name = function.name if isinstance(function, StageJob) else "report"
+        submitted[name] = (executor._executor._make_submission_file_text("x", "uid").splitlines(), function)
+        return type("Job", (), {"job_id": str(len(submitted))})()
+
+    monkeypatch.setattr(submitit.AutoExecutor, "submit", record)
+    main(["chain", "--config", "configs/paper.yaml", "--data", "/data/celeba-hq", "--cluster", "slurm",
+          f"run.root={tmp_path}"])
+    for stage in ("pretrain", "train-hybrid", "train-pathak", "train-none"):
+        lines, job = submitted[stage]
+        assert "#SBATCH --gpus-per-node=8" in lines and "#SBATCH --exclusive" in lines, stage
+        assert job.env["GPUS_PER_NODE"] == "8" and not any("cpu=true" in arg for arg in job.command), stage
+    assert "#SBATCH --gpus-per-node=1" in submitted["evaluate"][0] and "--cpu" not in submitted["evaluate"][1].command
+    saved = load_config(tmp_path / "paper" / "submit.yaml")
+    assert (saved.pretrain.cpu, saved.train.cpu, saved.data.source) == (False, False, "/data/celeba-hq")
