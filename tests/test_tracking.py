@@ -8,7 +8,7 @@ import json
 import pytest
 from accelerate import Accelerator
 
-from hybridgan.tracking import (MetricsLogger, StageTensorBoard, append_record, read_records, set_aside_torn_line)
+from hybridgan.tracking import MetricsLogger, StageTensorBoard, append_record, read_records, set_aside_torn_line
 
 
 def logger_in(stage_dir, resume_step=0, say=print) -> MetricsLogger:
