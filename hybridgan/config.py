@@ -192,6 +192,16 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where the training stages' scalars and image grids go besides `metrics.jsonl` (which is always
+    written): Accelerate's trackers by name (`tensorboard`, `wandb`, `mlflow`, `aim`, `comet_ml`,
+    `clearml`, `dvclive`, `swanlab`, `trackio`); [] writes `metrics.jsonl` only. A named tracker
+    whose package is missing stops the stage at its start (`hybridgan.tracking`)."""
+
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     pack: PackConfig = field(default_factory=PackConfig)
@@ -204,6 +214,7 @@ class Config:
     pretrain: StageConfig = field(default_factory=StageConfig)
     train: StageConfig = field(default_factory=lambda: StageConfig(epochs=15))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -336,6 +347,20 @@ def _check_ranges(cfg: Config) -> None:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}={_get(cfg, key)!r} {why}")
+    _check_backends(cfg.tracking.backends)
+
+
+def _check_backends(backends: list[str]) -> None:
+    """ConfigError naming a tracker that Accelerate does not have, or one named twice."""
+    from accelerate.utils import LoggerType
+
+    supported = [tracker.value for tracker in LoggerType if tracker is not LoggerType.ALL]
+    for name in backends:
+        if name not in supported:
+            raise ConfigError(f"tracking.backends: {name!r} is not one of Accelerate's trackers "
+                              f"({', '.join(supported)})")
+        if backends.count(name) > 1:
+            raise ConfigError(f"tracking.backends: {name!r} is named twice")
 
 
 def _merge(base: Any, other: Any, origin: str) -> Any:

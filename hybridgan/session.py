@@ -19,7 +19,7 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 - the NaN guard: a non-finite loss, gradient norm, weight or buffer (BatchNorm's running statistics)
   stops the run with one line naming the step and the value, before any checkpoint or export of it,
   and the last good checkpoint stays the latest (`hybridgan.core.loss_book`),
-- rank-0-only metrics (`metrics.jsonl`, TensorBoard) and the progress bar.
+- rank-0-only metrics (`metrics.jsonl`, the trackers of `tracking.backends`) and the progress bar.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from hybridgan.checkpoint import CheckpointError, CheckpointManager, any_rank
@@ -44,7 +45,7 @@ from hybridgan.core.folder import StageFolder
 from hybridgan.core.loss_book import LossBook, NonFinite, TrainState
 from hybridgan.data.loader import batches_per_epoch, train_loader
 from hybridgan.host_memory import keep_freed_memory
-from hybridgan.tracking import MetricsLogger
+from hybridgan.tracking import MetricsLogger, flat_config, stage_trackers
 
 __all__ = ["EXIT_REQUEUE", "MIN_BATCH_PER_RANK", "TrainState", "TrainingError", "TrainingSession", "build_adam",
            "clock", "run_stage", "run_stage_cli", "speed_up", "stage_lr"]
@@ -68,7 +69,8 @@ class TrainingSession:
         self.stage_cfg = stage_cfg
         self.dir = Path(cfg.run.root) / cfg.run.name / stage
         self.stage_key = "pretrain" if stage_cfg is cfg.pretrain else "train"
-        self.accelerator = make_accelerator(stage_cfg, models)
+        self.accelerator = make_accelerator(stage_cfg, models, stage_trackers(cfg.tracking.backends, cfg.run.name,
+                                                                              self.dir), self.stage_key)
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.batch_size_per_rank = self._batch_size_per_rank()
         if stage_cfg.compile and self.device.type == "cpu":
@@ -80,7 +82,7 @@ class TrainingSession:
         self.accelerator.register_for_checkpointing(self.state)
         self.checkpoints = CheckpointManager(self.accelerator, self.dir, stage_cfg.keep_checkpoints,
                                              background=stage_cfg.checkpoint_async)
-        self.logger = MetricsLogger(self.dir, enabled=False)
+        self.logger = MetricsLogger(self.dir, None)
         self.folder = StageFolder(self.dir, cfg, self.stage_key, self.accelerator)
         self.cadence = Cadence(stage_cfg, self.accelerator, clock=lambda: clock())  # read late: tests replace it
         self.losses = LossBook(self.accelerator, self.state)
@@ -165,7 +167,8 @@ class TrainingSession:
         except TrainingError:
             self.folder.release()
             raise
-        self.logger = MetricsLogger(self.dir, enabled=self.is_main, resume_step=self.state.step, say=self.print)
+        self.logger = MetricsLogger(self.dir, self.accelerator, resume_step=self.state.step, say=self.print,
+                                    config=flat_config(OmegaConf.to_container(OmegaConf.structured(self.cfg))))
         acc = self.accelerator
         self.folder.record_launch(world_size=acc.num_processes, batch_size_per_rank=self.batch_size_per_rank,
                                   distributed_type=str(acc.distributed_type), device=str(acc.device),

@@ -67,19 +67,37 @@ def accelerate_command(
     if num_processes > 1:
         cmd += ["--main_process_port", str(port)]
     if not accelerate_config:
-        # Explicit values instead of Accelerate's "defaults were used" warning; the stage's own
-        # config (train.mixed_precision) is what the Accelerator is built with.
+        # Explicit values instead of Accelerate's "defaults were used" warning; the launcher's "no"
+        # leaves the stage's own key (train.mixed_precision) alone (hybridgan.devices.launched_mixed_precision).
         cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     return cmd + ["-m", module, *args]
 
 
+EXIT_USAGE = 2
+"""Exit code of a launch that cannot be rendered here (as argparse's for a bad argument)."""
+
+
+class LaunchError(RuntimeError):
+    """The launch line cannot be rendered on this machine; one line names why and what to do."""
+
+
 def first_host(nodelist: str) -> str:
-    """The first host name of a Slurm node list ("gpu[01-04]" -> "gpu01"), via scontrol."""
+    """The first host name of a Slurm node list ("gpu[01-04]" -> "gpu01"), via scontrol.
+
+    LaunchError when scontrol is missing (outside Slurm) or refuses the list.
+    """
     if not nodelist:
         return "127.0.0.1"
-    out = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
-    ).stdout.split()
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+        ).stdout.split()
+    except FileNotFoundError:
+        raise LaunchError(f"SLURM_JOB_NODELIST={nodelist} needs scontrol to find the main node, and scontrol "
+                          f"is not on PATH: run inside the Slurm job, or pass --main-ip HOST") from None
+    except subprocess.CalledProcessError as err:
+        reason = err.stderr.strip().splitlines()[-1] if err.stderr.strip() else f"exit code {err.returncode}"
+        raise LaunchError(f"scontrol show hostnames {nodelist} failed ({reason}): pass --main-ip HOST") from None
     return out[0]
 
 
@@ -134,7 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     a = _parser().parse_args(own)
     if a.accelerate_config and not Path(a.accelerate_config).is_file():
         raise SystemExit(f"launch: ACCELERATE_CONFIG={a.accelerate_config}: file not found")
-    main_ip = a.main_ip or first_host(os.environ.get("SLURM_JOB_NODELIST", ""))
+    try:
+        main_ip = a.main_ip or first_host(os.environ.get("SLURM_JOB_NODELIST", ""))
+    except LaunchError as err:
+        print(f"launch: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     try:
         cmd = accelerate_command(
             a.nnodes, a.node_rank, main_ip, a.port, a.gpus_per_node, a.module, args, a.accelerate_config

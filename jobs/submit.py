@@ -5,6 +5,13 @@ same chain run one stage after the other through submitit's LocalExecutor on thi
         --partition gpu --nodes 4 --gpus-per-node 8 --time 24:00:00
     python -m jobs.submit train --config configs/paper.yaml discriminator.kind=pathak
     python -m jobs.submit chain --config configs/smoke-cpu.yaml --cluster local
+    python -m jobs.submit train --config configs/paper.yaml --slurm-arg qos=high --slurm-arg constraint=a100
+
+GPUs per node: `--gpus-per-node N`, else the training templates' `#SBATCH --gpus-per-node` (8); a
+config whose stages say `cpu: true`, or `--cpu`, is CPU mode (no GPUs, one process per node). A GPU
+config is never switched to the CPU silently: `--gpus-per-node 0` without `--cpu` is refused.
+`--slurm-arg KEY=VALUE` (or `KEY` for a flag) adds `#SBATCH --KEY=VALUE` to every job, after (so
+over) the options set here.
 
 The chain is pack -> pretrain -> train-hybrid, pack -> train-pathak, pack -> train-none (no
 discriminator, the baseline), the three trains -> evaluate (which
@@ -36,6 +43,10 @@ from hybridgan.config import Config, ConfigError, load_config, save_config
 from hybridgan.reproduce import stage_commands, write_report
 from jobs.launch import task_cpus
 
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+"""The training template whose `#SBATCH --gpus-per-node` is the GPUs per node when not given."""
+SLURM_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+"""An sbatch long option without its dashes (`qos`, `mem`, `gres`, `mail-type`)."""
 STAGES = ("pack", "pretrain", "train", "train-hybrid", "train-pathak", "train-none", "evaluate")
 TRAINING = ("pretrain", "train-hybrid", "train-pathak", "train-none")
 PREEMPT_SIGNAL = "USR1"
@@ -106,15 +117,53 @@ def chain_dependencies(stages: list[str]) -> dict[str, list[str]]:
     return {s: [d for d in wanted.get(s, []) if d in stages] for s in stages}
 
 
-def resolve_config(config: str, overrides: list[str], data: str | None, gpus_per_node: int) -> Config:
-    """The chain's config: file + `--data` + overrides, CPU mode when there are no GPUs."""
+def resolve_config(config: str, overrides: list[str], data: str | None, cpu: bool) -> Config:
+    """The chain's config: file + `--data` + overrides, then `pretrain.cpu=true train.cpu=true` when
+    `cpu` (`--cpu`)."""
     extra = [f"data.source={data}"] if data else []
-    if gpus_per_node == 0:
-        extra += ["pretrain.cpu=true", "train.cpu=true"]
+    forced = ["pretrain.cpu=true", "train.cpu=true"] if cpu else []
     try:
-        return load_config(config, [*extra, *overrides])
+        return load_config(config, [*extra, *overrides, *forced])
     except ConfigError as err:
         raise SubmitError(f"config error: {err}") from None
+
+
+def template_gpus(template: Path = TEMPLATE) -> int:
+    """The `#SBATCH --gpus-per-node` of a template; SubmitError when it has none."""
+    found = re.search(r"^#SBATCH --gpus-per-node=(\d+)$", template.read_text() if template.is_file() else "", re.M)
+    if found is None:
+        raise SubmitError(f"{template}: no '#SBATCH --gpus-per-node=N' line to take the GPUs per node from; "
+                          f"pass --gpus-per-node N")
+    return int(found.group(1))
+
+
+def training_gpus(cfg: Config, config: str, asked: int | None) -> int:
+    """GPUs per node of the training jobs: 0 when the config trains on the CPU (both stages' `cpu`),
+    else `asked` (`--gpus-per-node`) or the template's. SubmitError on a contradiction: GPUs asked
+    for a CPU config, or no GPUs for a GPU config."""
+    if cfg.pretrain.cpu and cfg.train.cpu:
+        if asked:
+            raise SubmitError(f"--gpus-per-node {asked}: {config} trains on the CPU (pretrain.cpu=true, "
+                              f"train.cpu=true); drop --gpus-per-node or override pretrain.cpu=false train.cpu=false")
+        return 0
+    gpus = template_gpus() if asked is None else asked
+    if gpus == 0:
+        raise SubmitError(f"--gpus-per-node 0: {config} trains on GPUs (pretrain.cpu={cfg.pretrain.cpu}, "
+                          f"train.cpu={cfg.train.cpu}); pass --cpu to train on CPUs, or ask for GPUs")
+    return gpus
+
+
+def slurm_options(items: list[str]) -> dict[str, str | bool]:
+    """`--slurm-arg` items (`KEY=VALUE`, or `KEY` for a flag) as submitit's
+    `slurm_additional_parameters`; SubmitError naming a malformed one."""
+    options: dict[str, str | bool] = {}
+    for item in items:
+        key, has_value, value = item.partition("=")
+        if not SLURM_KEY.fullmatch(key) or (has_value and not value):
+            raise SubmitError(f"--slurm-arg {item!r}: expected KEY=VALUE or KEY, an sbatch long option without "
+                              f"its dashes (e.g. qos=high, mem=64G, exclusive)")
+        options[key] = value if has_value else True
+    return options
 
 
 def check_partition(partition: str) -> None:
@@ -178,6 +227,7 @@ def executor_for(args: argparse.Namespace, cfg: Config, folder: Path, stage: str
         additional = {"kill-on-invalid-dep": "yes", "signal": f"{PREEMPT_SIGNAL}@{args.signal_delay_s}"}
         if training and gpus > 0:
             additional["exclusive"] = True
+        additional.update(slurm_options(args.slurm_arg))
         params.update(
             slurm_partition=args.partition,
             slurm_account=args.account,
@@ -204,7 +254,11 @@ def submit(args: argparse.Namespace) -> dict[str, str]:
         check_partition(args.partition)
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
         raise SubmitError(f"--accelerate-config {args.accelerate_config}: file not found")
-    cfg = resolve_config(args.config, args.overrides, args.data, args.gpus_per_node)
+    if args.slurm_arg and args.cluster != "slurm":
+        raise SubmitError(f"--slurm-arg {args.slurm_arg[0]}: sbatch options need --cluster slurm")
+    slurm_options(args.slurm_arg)  # a bad one is named before anything is written
+    cfg = resolve_config(args.config, args.overrides, args.data, args.cpu)
+    args = argparse.Namespace(**{**vars(args), "gpus_per_node": training_gpus(cfg, args.config, args.gpus_per_node)})
     run_dir = Path(cfg.run.root) / cfg.run.name
     cfg_path = run_dir / "submit.yaml"
     save_config(cfg, cfg_path)
@@ -286,7 +340,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
     p.add_argument("--account", help="Slurm account")
     p.add_argument("--nodes", type=int, default=1, help="nodes per training job")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; 0 = CPU mode")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node of training jobs (default: the templates' #SBATCH --gpus-per-node, 8; "
+                        "0 for a config whose stages say cpu: true)")
+    p.add_argument("--cpu", action="store_true", help="train on CPUs: pretrain.cpu=true train.cpu=true, no GPUs")
+    p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an sbatch option for every job, repeatable: --slurm-arg qos=high --slurm-arg mem=64G "
+                        "(KEY alone for a flag)")
     p.add_argument("--cpus-per-task", type=int, default=None,
                    help="CPUs per task (one task per node) of every job; default: per stage, training "
                         "GPUs per node x (data.workers + 1), evaluate data.workers + 1, pack pack.workers")
@@ -301,7 +361,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_intermixed_args(argv)
-    if args.nodes < 1 or args.gpus_per_node < 0 or (args.cpus_per_task is not None and args.cpus_per_task < 1):
+    if args.cpu and args.gpus_per_node:
+        raise SystemExit(f"submit: --cpu and --gpus-per-node {args.gpus_per_node}: choose one")
+    negative_gpus = args.gpus_per_node is not None and args.gpus_per_node < 0
+    if args.nodes < 1 or negative_gpus or (args.cpus_per_task is not None and args.cpus_per_task < 1):
         raise SystemExit("submit: --nodes and --cpus-per-task must be >= 1, --gpus-per-node >= 0")
     try:
         submit(args)

@@ -3,8 +3,10 @@
 # hg_init STAGE ARGS...   cd to the repository, activate the environment, check CONFIG and the
 #                         overrides (exit 2 with one line naming the bad one), set RUN_DIR, copy
 #                         this job's log into $RUN_DIR/slurm/
-# hg_train MODULE KEY     one `accelerate launch` per node through srun + jobs.launch; KEY.cpu=true
-#                         in CPU mode; the time-limit signal becomes "checkpoint, then requeue";
+# hg_train MODULE KEY     one `accelerate launch` per node through srun + jobs.launch; a job without
+#                         GPUs needs KEY.cpu=true in the config (exit 2 naming it otherwise: a GPU
+#                         config is never moved to the CPU silently); the time-limit signal becomes
+#                         "checkpoint, then requeue";
 #                         srun gets the job's --cpus-per-task (a warning when fewer than hg_task_cpus)
 # hg_task_cpus GPUS W     CPUs a node's task needs: max(GPUS, 1) x (W + 1)
 # hg_run CMD...           a single-process stage (pack, evaluate) with the same signal handling
@@ -35,7 +37,7 @@ hg_init() {
   read -ra extra <<<"$OVERRIDES"
   HG_OVERRIDES=("${extra[@]}" "$@")
   # One line per bad key/value, from the same loader the stages use; sets RUN_DIR, CFG_SOURCE,
-  # CFG_SHARDS, CFG_WORKERS.
+  # CFG_SHARDS, CFG_WORKERS, CFG_PRETRAIN_CPU, CFG_TRAIN_CPU.
   local resolved err
   err="$(mktemp)"
   resolved="$(python - "$CONFIG" "${HG_OVERRIDES[@]}" 2>"$err" <<'EOF'
@@ -49,6 +51,8 @@ print(f"RUN_DIR={shlex.quote(f'{cfg.run.root}/{cfg.run.name}')}")
 print(f"CFG_SOURCE={shlex.quote(cfg.data.source)}")
 print(f"CFG_SHARDS={shlex.quote(cfg.data.shards)}")
 print(f"CFG_WORKERS={cfg.data.workers}")
+print(f"CFG_PRETRAIN_CPU={str(cfg.pretrain.cpu).lower()}")
+print(f"CFG_TRAIN_CPU={str(cfg.train.cpu).lower()}")
 EOF
 )" || hg_die "$(tail -n 1 "$err")"
   rm -f "$err"
@@ -134,8 +138,13 @@ hg_run() {
 }
 
 hg_train() {
-  local module="$1" key="$2" gpus nodes main_ip needed cpus
+  local module="$1" key="$2" gpus nodes main_ip needed cpus on_cpu
   gpus="$(hg_gpus_per_node)"
+  on_cpu="CFG_${key^^}_CPU"
+  if [ "$gpus" -eq 0 ] && [ "${!on_cpu}" != true ]; then
+    hg_die "no GPUs on this job (--gpus-per-node=0) but $CONFIG trains $key on GPUs ($key.cpu=false):" \
+      "ask for GPUs (--gpus-per-node N), or pass $key.cpu=true to train on CPUs"
+  fi
   nodes="${SLURM_NNODES:-1}"
   needed="$(hg_task_cpus "$gpus" "$CFG_WORKERS")"
   cpus="${SLURM_CPUS_PER_TASK:-1}"
@@ -147,7 +156,6 @@ hg_train() {
   fi
   ACCELERATE_CONFIG="${ACCELERATE_CONFIG-$(hg_default_accelerate_config "$gpus" "$nodes")}"
   local args=(--config "$CONFIG" "${HG_OVERRIDES[@]}")
-  [ "$gpus" -eq 0 ] && args+=("$key.cpu=true")
   main_ip="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
   export GPUS_PER_NODE="$gpus" ACCELERATE_CONFIG
   # jobs.launch renders the accelerate line from each node's SLURM_NODEID and prints it.

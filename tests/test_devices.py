@@ -44,3 +44,22 @@ def test_auto_settings_in_the_config() -> None:
     assert (cfg.train.mixed_precision, cfg.pretrain.channels_last, cfg.train.channels_last) == ("auto", "auto", True)
     with pytest.raises(ConfigError, match="train.channels_last='fast' is not one of False, True, auto"):
         load_config(SMOKE, ["train.channels_last=fast"])
+
+
+@pytest.mark.parametrize("setting, launcher, expected", [
+    ("auto", None, "no"), ("auto", "no", "no"), ("auto", "bf16", "bf16"), ("auto", "fp16", "fp16"),
+    ("bf16", None, "bf16"), ("bf16", "no", "bf16"), ("bf16", "bf16", "bf16"), ("no", "no", "no"),
+])
+def test_the_launchers_precision_replaces_auto_and_its_default_no_leaves_the_stage_key_alone(
+        monkeypatch, setting: str, launcher: str | None, expected: str) -> None:
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
+    assert devices.launched_mixed_precision(setting, True, "train.mixed_precision", launcher) == expected
+
+
+@pytest.mark.parametrize("setting, launcher", [("no", "bf16"), ("fp16", "bf16"), ("bf16", "fp16")])
+def test_a_launcher_precision_that_contradicts_the_stage_key_is_refused_naming_both(setting: str, launcher: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        devices.launched_mixed_precision(setting, True, "pretrain.mixed_precision", launcher)
+    assert str(refused.value) == (f"pretrain.mixed_precision={setting} and the launcher's --mixed_precision {launcher} "
+                                  f"(ACCELERATE_MIXED_PRECISION) disagree: set pretrain.mixed_precision={launcher} or "
+                                  f"auto, or launch without --mixed_precision")

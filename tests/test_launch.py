@@ -1,4 +1,5 @@
-"""The multi-node `accelerate launch` line rendered by jobs.launch (no Slurm needed)."""
+"""The multi-node `accelerate launch` line rendered by jobs.launch (no Slurm needed), and two
+machines started through it on this host, as srun starts one task per node."""
 
 from __future__ import annotations
 
@@ -114,3 +115,51 @@ def test_templates_ask_for_the_cpus_of_the_paper_config_and_pass_them_to_srun() 
     evaluate = (REPO / "slurm" / "evaluate.sbatch").read_text()
     assert f"#SBATCH --cpus-per-task={task_cpus(1, paper.data.workers)}\n" in evaluate
     assert 'srun --ntasks-per-node=1 --cpus-per-task="$cpus"' in (REPO / "slurm" / "common.sh").read_text()
+
+
+def test_a_node_list_outside_slurm_is_one_line_naming_scontrol(tmp_path) -> None:
+    env = {"PATH": str(tmp_path), "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.launch", "--dry-run", "-m", "hybridgan.train"],
+                          env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == ("launch: SLURM_JOB_NODELIST=gpu[01-02] needs scontrol to find the main node, and "
+                           "scontrol is not on PATH: run inside the Slurm job, or pass --main-ip HOST\n")
+    assert proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_two_machines_through_jobs_launch_train_checkpoint_and_resume_on_one(tiny_shards, tmp_path) -> None:
+    """Two `jobs.launch` processes with the Slurm variables of node 0 and node 1 of a 2-node job
+    (one CPU process per node, gloo over 127.0.0.1): world size 2, the node ranks in the launch lines,
+    the main process alone writes metrics, launches and checkpoints; one machine then resumes."""
+    from conftest import tiny_args
+    from stage_runs import free_port, launches, read_records, run_stage, stage_env
+
+    args = tiny_args(tiny_shards, tmp_path, "pretrain.max_steps=4", "pretrain.checkpoint_every=2",
+                     "pretrain.log_every=2", "pretrain.checkpoint_async=false")
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "jobs.launch", "--main-ip", "127.0.0.1", "-m", "hybridgan.pretrain", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**stage_env(), "SLURM_NNODES": "2", "SLURM_NODEID": str(rank), "SLURM_PROCID": str(rank),
+             "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "4242", "MAIN_PORT": str(port), "GPUS_PER_NODE": "0"})
+        for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    for rank, output in enumerate(outputs):
+        assert f"[launch] node {rank}/2: accelerate launch --quiet --multi_gpu --num_processes 2 --num_machines 2 " \
+               f"--machine_rank {rank} --main_process_ip 127.0.0.1 --main_process_port {port} " in output
+
+    stage = tmp_path / "t" / "pretrain"
+    [launch] = launches(stage)
+    assert (launch["world_size"], launch["batch_size_per_rank"]) == (2, 4)
+    assert launch["distributed_type"].endswith("MULTI_CPU") and launch["device"].startswith("cpu")
+    assert [r["step"] for r in read_records(stage, "train")] == [2, 4]
+    checkpoints = sorted(path.name for path in (stage / "checkpoints").iterdir())
+    assert checkpoints == ["latest", "step-00000002", "step-00000004"], checkpoints
+
+    resumed = run_stage("hybridgan.pretrain", [*args, "pretrain.max_steps=6"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [(l["world_size"], l["start_step"]) for l in launches(stage)] == [(2, 0), (1, 4)]
+    assert launches(stage)[1]["resumed_from"]["world_size"] == 2
+    assert [r["step"] for r in read_records(stage, "train")] == [2, 4, 6]

@@ -55,3 +55,24 @@ def test_two_compiled_steps_agree_with_eager(tiny_shards, tmp_path):
     for eager, compiled in zip(records["false"], records["true"]):
         for name in ("disc_loss", "d_real", "d_fake", "gen_pixel_loss", "gen_adv_loss"):
             assert compiled[name] == pytest.approx(eager[name], rel=1e-4), name
+
+
+@pytest.mark.slow
+def test_the_launchers_mixed_precision_is_honoured_for_auto_and_a_contradiction_is_one_line(tiny_shards, tmp_path):
+    """`accelerate launch --mixed_precision bf16` trains in bf16 when the stage key is `auto`; with
+    the stage key `no` the stage stops before training, naming both."""
+    from stage_runs import ACCELERATE, launches
+
+    launcher = [*ACCELERATE, "--quiet", "--num_processes", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
+    args = tiny_args(tiny_shards, tmp_path, "train.mixed_precision=auto", *ONE_STEP)
+    result = run_stage("hybridgan.train", args, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [launch["mixed_precision"] for launch in launches(tmp_path / "t" / "train-hybrid")] == ["bf16"]
+
+    args = tiny_args(tiny_shards, tmp_path, "run.name=refused", "train.mixed_precision=no", *ONE_STEP)
+    result = run_stage("hybridgan.train", args, launcher=launcher)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: train.mixed_precision=no and the launcher's --mixed_precision bf16 (ACCELERATE_MIXED_PRECISION) "
+        "disagree: set train.mixed_precision=bf16 or auto, or launch without --mixed_precision")
+    assert not (tmp_path / "refused" / "train-hybrid" / "launches.jsonl").exists()

@@ -128,7 +128,7 @@ def test_sbatch_train_cpu_mode(slurm_env, shards, tmp_path) -> None:
     line = next(l for l in text.splitlines() if l.startswith("[launch]"))
     assert line.startswith("[launch] node 0/1: accelerate launch --quiet --num_processes 1 --num_machines 1 "
                            "--mixed_precision no --dynamo_backend no -m hybridgan.train --config configs/smoke-cpu.yaml")
-    assert line.endswith("train.cpu=true")
+    assert line.endswith(TINY[-1]) and "cpu=true" not in line  # the config says cpu: nothing added
     assert f"[slurm] job {job} (train) on " in text and "nodes=1 restarts=0" in text
     launches = [json.loads(l) for l in (stage / "launches.jsonl").read_text().splitlines()]
     assert [(l["world_size"], l["device"]) for l in launches] == [(1, "cpu")]
@@ -175,7 +175,8 @@ def test_requeue_resumes_from_checkpoint(slurm_env, shards, tmp_path) -> None:
 def test_submit_chain_with_dependencies(slurm_env, tmp_path) -> None:
     """jobs.submit chain: afterok dependencies read back from scontrol, then a report."""
     out = run([sys.executable, "-m", "jobs.submit", "chain", "--config", "configs/smoke-cpu.yaml",
-               "--partition", "cpu", f"run.root={tmp_path}/runs", "run.name=chain",
+               "--partition", "cpu", "--slurm-arg", "comment=hybridgan-chain", "--slurm-arg", "nice=7",
+               f"run.root={tmp_path}/runs", "run.name=chain",
                "data.source=synthetic:120", f"data.shards={tmp_path}/shards", "pack.shard_size=20",
                "pretrain.max_steps=4", "train.max_steps=4", "pretrain.checkpoint_every=2",
                "train.checkpoint_every=2", *TINY], slurm_env, timeout=120).stdout
@@ -190,6 +191,8 @@ def test_submit_chain_with_dependencies(slurm_env, tmp_path) -> None:
     for stage, job in ids.items():
         shown = run(["scontrol", "show", "job", job], slurm_env).stdout
         assert f"CPUs/Task={2 if stage == 'pack' else 1} " in shown, (stage, shown)
+        info = job_info(job, slurm_env)  # the --slurm-arg options reached every job
+        assert (info["Comment"], info["Nice"]) == ("hybridgan-chain", "7"), (stage, shown)
     for stage, parents in want.items():
         dependency = job_info(ids[stage], slurm_env)["Dependency"]
         assert re.findall(r"afterok:(\d+)", dependency) == parents, (stage, dependency)
@@ -223,6 +226,18 @@ def test_bad_template_variables_fail_in_one_line(slurm_env, tmp_path) -> None:
         assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), name
         lines = (tmp_path / f"{name}.out").read_text().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_a_gpu_config_on_a_job_without_gpus_is_one_line_not_a_silent_cpu_run(slurm_env, tmp_path) -> None:
+    log = tmp_path / "gpu-config.out"
+    job = sbatch({**slurm_env, "CONFIG": "configs/paper.yaml"}, log, "train.sbatch", f"run.root={tmp_path}/runs",
+                 options=("--gpus-per-node=0", "--cpus-per-task=1"))
+    info = wait_done(job, slurm_env, 120)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
+    assert log.read_text().splitlines()[-1] == (
+        "train.sbatch: no GPUs on this job (--gpus-per-node=0) but configs/paper.yaml trains train on GPUs "
+        "(train.cpu=false): ask for GPUs (--gpus-per-node N), or pass train.cpu=true to train on CPUs")
+    assert "[launch]" not in log.read_text()
 
 
 def test_unknown_partition_is_named(slurm_env) -> None:

@@ -102,3 +102,85 @@ def test_help_describes_the_command_in_whole_sentences() -> None:
 
     description = _parser().description
     assert description.startswith("Submit one stage or the whole chain") and description.endswith("on this machine.")
+
+
+def test_a_gpu_config_gets_the_templates_gpus_and_stays_on_gpus(tmp_path) -> None:
+    from jobs.submit import resolve_config, template_gpus, training_gpus
+
+    assert template_gpus() == 8
+    for name in ("train", "pretrain"):
+        assert "#SBATCH --gpus-per-node=8\n" in (REPO / "slurm" / f"{name}.sbatch").read_text()
+    paper = resolve_config("configs/paper.yaml", [f"run.root={tmp_path}"], "/data/celeba-hq", cpu=False)
+    assert (paper.pretrain.cpu, paper.train.cpu) == (False, False)
+    assert training_gpus(paper, "configs/paper.yaml", None) == 8
+    assert training_gpus(paper, "configs/paper.yaml", 4) == 4
+    smoke = resolve_config("configs/smoke-cpu.yaml", [], None, cpu=False)
+    assert training_gpus(smoke, "configs/smoke-cpu.yaml", None) == 0
+    forced = resolve_config("configs/paper.yaml", [], None, cpu=True)
+    assert (forced.pretrain.cpu, forced.train.cpu) == (True, True)
+    assert training_gpus(forced, "configs/paper.yaml", None) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/paper.yaml", "--gpus-per-node", "0"],
+     "submit: --gpus-per-node 0: configs/paper.yaml trains on GPUs (pretrain.cpu=False, train.cpu=False); "
+     "pass --cpu to train on CPUs, or ask for GPUs"),
+    (["--config", "configs/smoke-cpu.yaml", "--gpus-per-node", "8"],
+     "submit: --gpus-per-node 8: configs/smoke-cpu.yaml trains on the CPU (pretrain.cpu=true, train.cpu=true); "
+     "drop --gpus-per-node or override pretrain.cpu=false train.cpu=false"),
+    (["--cpu", "--gpus-per-node", "8"], "submit: --cpu and --gpus-per-node 8: choose one"),
+    (["--slurm-arg=--qos=high"], "submit: --slurm-arg '--qos=high': expected KEY=VALUE or KEY, an sbatch long "
+                                    "option without its dashes (e.g. qos=high, mem=64G, exclusive)"),
+    (["--slurm-arg", "mem="], "submit: --slurm-arg 'mem=': expected KEY=VALUE or KEY, an sbatch long option "
+                              "without its dashes (e.g. qos=high, mem=64G, exclusive)"),
+    (["--cluster", "local", "--slurm-arg", "qos=high"], "submit: --slurm-arg qos=high: sbatch options need --cluster slurm"),
+])
+def test_contradictory_gpu_or_slurm_arguments_are_one_line_before_anything_is_written(tmp_path, argv, message) -> None:
+    from jobs.submit import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["chain", *argv, f"run.root={tmp_path}"])
+    assert str(refused.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_slurm_args_reach_every_jobs_sbatch_lines_over_the_defaults(tmp_path) -> None:
+    from jobs.submit import _parser, executor_for
+
+    cfg = load_config(REPO / "configs/paper.yaml", [f"run.root={tmp_path}"])
+    args = _parser().parse_args(["chain", "--gpus-per-node", "8", "--slurm-arg", "qos=high", "--slurm-arg", "mem=64G",
+                                 "--slurm-arg", "constraint=a100", "--slurm-arg", "requeue",
+                                 "--slurm-arg", "kill-on-invalid-dep=no"])
+    for stage in ("pack", "train-hybrid", "evaluate", "report"):
+        text = executor_for(args, cfg, tmp_path / "submitit", stage)._executor._make_submission_file_text("x", "uid")
+        lines = text.splitlines()
+        for line in ("#SBATCH --qos=high", "#SBATCH --mem=64G", "#SBATCH --constraint=a100", "#SBATCH --requeue",
+                     "#SBATCH --kill-on-invalid-dep=no"):
+            assert line in lines, (stage, line)
+        assert "#SBATCH --kill-on-invalid-dep=yes" not in lines
+    train = executor_for(args, cfg, tmp_path / "submitit", "train-hybrid")._executor._make_submission_file_text("x", "u")
+    assert "#SBATCH --gpus-per-node=8" in train.splitlines()
+
+
+def test_the_paper_chain_submits_gpu_jobs_with_no_cpu_override(tmp_path, monkeypatch) -> None:
+    """`jobs.submit chain --config configs/paper.yaml --data ... --cluster slurm`: every training job
+    asks for the templates' 8 GPUs per node, and nothing moves a stage to the CPU."""
+    from jobs.submit import main
+
+    submitted = {}
+
+    def record(executor, function, *args):
+        name = function.name if isinstance(function, StageJob) else "report"
+        submitted[name] = (executor._executor._make_submission_file_text("x", "uid").splitlines(), function)
+        return type("Job", (), {"job_id": str(len(submitted))})()
+
+    monkeypatch.setattr(submitit.AutoExecutor, "submit", record)
+    main(["chain", "--config", "configs/paper.yaml", "--data", "/data/celeba-hq", "--cluster", "slurm",
+          f"run.root={tmp_path}"])
+    for stage in ("pretrain", "train-hybrid", "train-pathak", "train-none"):
+        lines, job = submitted[stage]
+        assert "#SBATCH --gpus-per-node=8" in lines and "#SBATCH --exclusive" in lines, stage
+        assert job.env["GPUS_PER_NODE"] == "8" and not any("cpu=true" in arg for arg in job.command), stage
+    assert "#SBATCH --gpus-per-node=1" in submitted["evaluate"][0] and "--cpu" not in submitted["evaluate"][1].command
+    saved = load_config(tmp_path / "paper" / "submit.yaml")
+    assert (saved.pretrain.cpu, saved.train.cpu, saved.data.source) == (False, False, "/data/celeba-hq")

@@ -15,27 +15,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
 from hybridgan.config import StageConfig, scaled_lr
 from hybridgan.core.errors import TrainingError
-from hybridgan.devices import resolve_mixed_precision, use_channels_last
+from hybridgan.devices import launched_mixed_precision, use_channels_last
 
 
-def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...]) -> Accelerator:
-    """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision.
+def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...], trackers: list[GeneralTracker],
+                     stage_key: str) -> Accelerator:
+    """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision
+    (`stage_key.mixed_precision`, reconciled with the launcher's: `launched_mixed_precision`),
+    logging to `trackers` (`hybridgan.tracking.stage_trackers`).
 
     Under `accelerate launch --use_deepspeed` a stage that trains several models gets one
     DeepSpeed plugin (engine) per model, named by `models`, each from the launch's settings; on a
     machine without CUDA the process group uses gloo.
     """
     cpu = stage_cfg.cpu or not torch.cuda.is_available()
+    precision = launched_mixed_precision(stage_cfg.mixed_precision, cpu, f"{stage_key}.mixed_precision",
+                                         os.environ.get("ACCELERATE_MIXED_PRECISION"))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu))
+        return Accelerator(cpu=cpu, mixed_precision=precision, log_with=trackers or None)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
     plugins = {name: DeepSpeedPlugin() for name in models} if len(models) > 1 else None
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu),
-                              kwargs_handlers=handlers, deepspeed_plugins=plugins)
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, deepspeed_plugins=plugins,
+                              log_with=trackers or None)
     for plugin in accelerator.state.deepspeed_plugins.values():
         # Our loaders are not prepared by Accelerate, so DeepSpeed cannot read the batch size off them;
         # the objective is the DDP path's: clipping only when the stage config asks (0 is off).

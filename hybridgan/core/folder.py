@@ -26,7 +26,7 @@ RESCHEDULABLE = ("log_every", "checkpoint_every", "checkpoint_every_minutes", "c
 RESCHEDULABLE_DATA = ("data.workers", "data.resident")
 """Data keys that a resume may change: how the same batches are made, not which."""
 
-ONE_RUN = ("run.restart_damaged", "discriminator.min_pretrain_accuracy")
+ONE_RUN = ("run.restart_damaged", "discriminator.min_pretrain_accuracy", "tracking.backends")
 """Keys that instruct one run rather than describe the experiment: never compared on resume."""
 
 LENGTHS = ("epochs", "max_steps")
