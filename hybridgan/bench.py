@@ -633,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     for add in SUBCOMMANDS:
         add(subparsers)
     args = parser.parse_args(argv)
+    if args.print_config:
+        config_from_args(args)
     return args.func(args)
 
 
