@@ -7,12 +7,13 @@ import importlib
 import json
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import yaml
 
 from conftest import REPO
-from hybridgan import evaluate
+from hybridgan import cli, evaluate
 from hybridgan.config import PACKAGED_CONFIGS, Config, ConfigError, load_config, packaged_config_names
 
 
@@ -116,3 +117,22 @@ def test_the_default_config_works_outside_the_checkout_and_pack_out_defaults_to_
     manifest = json.loads((tmp_path / "shards" / "synthetic" / "manifest.json").read_text())  # smoke-cpu's data.shards
     assert sum(shard["count"] for shard in manifest["shards"]) == 20
 
+
+def test_the_console_script_is_declared_and_runs_each_stage_main(capsys):
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"hybridgan": "hybridgan.cli:main"}
+    assert list(cli.STAGES) == ["pack", "pretrain", "train", "evaluate", "inpaint", "export", "reproduce", "bench",
+                                "sweep"]
+    for stage in cli.STAGES:
+        assert callable(importlib.import_module(f"hybridgan.{stage}").main)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--config", "smoke-cpu", "--print-config", "train.epochs=2"])
+    assert exit_.value.code == 0 and yaml.safe_load(capsys.readouterr().out)["train"]["epochs"] == 2
+
+
+def test_the_console_script_names_an_unknown_stage_and_lists_the_stages(capsys):
+    assert cli.main(["trian"]) == 2
+    assert capsys.readouterr().err.strip() == ("hybridgan: unknown stage 'trian' (stages: pack, pretrain, train, "
+                                               "evaluate, inpaint, export, reproduce, bench, sweep)")
+    assert cli.main(["--help"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "usage: hybridgan STAGE [arguments ...]"
