@@ -75,6 +75,17 @@ def find_checkpoint(stage: Path, step: int | None) -> Path:
     return path
 
 
+def read_deepspeed_weights(checkpoint: Path, engine: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed engine folder, merged by DeepSpeed (which must be installed)."""
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ModuleNotFoundError:
+            raise ExportCheckpointError(f"{engine}: a DeepSpeed checkpoint, and DeepSpeed is not installed: "
+                                        f"pip install 'hybridgan[deepspeed]'") from None
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=engine.name)
+
+
 def read_weights(checkpoint: Path, index: int) -> dict[str, torch.Tensor]:
     """Model `index`'s state dict from an Accelerate checkpoint folder, in any layout listed above."""
     suffix = "" if index == 0 else f"_{index}"
@@ -86,10 +97,7 @@ def read_weights(checkpoint: Path, index: int) -> dict[str, torch.Tensor]:
         elif binary.is_file():
             state = torch.load(binary, map_location="cpu", weights_only=True)
         elif engine.is_dir():
-            with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=engine.name)
+            state = read_deepspeed_weights(checkpoint, engine)
         else:
             raise ExportCheckpointError(f"{checkpoint}: no weights of model {index} "
                                         f"({safetensors.name}, {binary.name} or {engine.name}/)")

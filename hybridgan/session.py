@@ -24,6 +24,7 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import signal
@@ -600,6 +601,16 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def require_deepspeed(models: tuple[str, ...]) -> None:
+    """TrainingError naming what is missing when a DeepSpeed launch finds DeepSpeed (or, for one
+    engine per model, `transformers`, which Accelerate's several-plugin path imports) not installed."""
+    needed = ("deepspeed", "transformers") if len(models) > 1 else ("deepspeed",)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TrainingError(f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), and {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'hybridgan[deepspeed]'")
+
+
 def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...]) -> Accelerator:
     """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision.
 
@@ -610,6 +621,7 @@ def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...]) -> Acceler
     cpu = stage_cfg.cpu or not torch.cuda.is_available()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu))
+    require_deepspeed(models)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
     plugins = {name: DeepSpeedPlugin() for name in models} if len(models) > 1 else None
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(stage_cfg.mixed_precision, cpu),
