@@ -2,8 +2,8 @@
 
 `load_config("paper", ["train.batch_size=32"])` merges the YAML and the overrides into the schema
 below; a config is a YAML file or the name of one shipped in `hybridgan/configs/` (`paper`,
-`smoke-cpu`, `folder-1k-cpu`; the checkout's `configs/` is a link to that folder). OmegaConf rejects unknown keys and wrong types; `_check_ranges` rejects values out
-of range. Every failure is a `ConfigError` whose single line names the file and the dotted key.
+`smoke-cpu`, `folder-1k-cpu`; the checkout's `configs/` is a link to that folder). OmegaConf rejects
+unknown keys and wrong types; `_check_ranges` rejects values out of range. Every failure is a `ConfigError` whose single line names the file and the dotted key.
 """
 
 from __future__ import annotations

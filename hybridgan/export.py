@@ -134,7 +134,8 @@ def export_checkpoint(stage: str | Path, step: int | None = None, out: str | Pat
 
 
 def save_standalone_fill(generator: ContextEncoder, path: str | Path) -> Path:
-    """Write `GeneratorFill(generator)` as a `torch.export` program (`.pt2`), any batch size, atomically.
+    """Write `GeneratorFill(generator)` as a `torch.export` program (`.pt2`), any batch size, atomically
+    (`generator` is moved to the CPU and put in eval mode).
 
     The file runs with PyTorch alone: `torch.export.load(path).module()(image, mask)`, tensors as
     `GeneratorFill` describes them, at the generator's own image size.
@@ -167,6 +168,7 @@ def export_standalone(source: str | Path, step: int | None = None, out: str | Pa
     if model_name != "generator":
         raise ExportCheckpointError(f"{source}: --standalone exports a generator; this stage trains the {model_name}")
     model, _, _, checkpoint = checkpoint_model(source, step)
+    assert isinstance(model, ContextEncoder)
     step_name = checkpoint.name.removeprefix("step-")
     return save_standalone_fill(model, Path(out) if out else source / f"generator-step-{step_name}.pt2")
 

@@ -136,3 +136,6 @@ def test_the_console_script_names_an_unknown_stage_and_lists_the_stages(capsys):
                                                "evaluate, inpaint, export, reproduce, bench, sweep)")
     assert cli.main(["--help"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "usage: hybridgan STAGE [arguments ...]"
+    assert cli.main([]) == 2
+    usage = capsys.readouterr().err.splitlines()
+    assert usage[0] == "usage: hybridgan STAGE [arguments ...]" and "  train      train the generator against a discriminator" in usage

@@ -285,6 +285,26 @@ def test_the_standalone_export_runs_without_hybridgan_and_fills_the_pixels_inpai
     assert np.array_equal(pixels[~hole], photo[~hole]) and (pixels[hole] != photo[hole]).any()
 
 
+def test_the_standalone_export_of_a_stage_reads_its_checkpoint(workdir, capsys):
+    from hybridgan.export import main as export_main
+    from hybridgan.models import GeneratorFill
+
+    cfg = load_config(None, TINY)
+    generator = build_generator(cfg).eval()
+    stage = workdir / "runs" / "standalone" / "train-hybrid"
+    fake_checkpoint(stage, 7, generator.state_dict(), cfg)
+    assert export_main([str(stage), "--standalone"]) == 0
+    written = stage / "generator-step-00000007.pt2"
+    assert capsys.readouterr().out.strip() == str(written)
+    image, mask = torch.rand(3, 3, 32, 32) * 2 - 1, torch.zeros(3, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(written).module()(image, mask), GeneratorFill(generator)(image, mask))
+    assert export_main([str(workdir / "free.safetensors"), "--standalone", "--step", "7"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --step reads a stage's checkpoint; "
+                                               f"{workdir / 'free.safetensors'} is a file")
+
+
 def test_the_standalone_export_takes_a_generator_only(workdir, capsys):
     from hybridgan.export import main as export_main
 
