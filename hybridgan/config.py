@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,9 +434,11 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def cli_parser(module: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
-    """The parser of `python -m MODULE`: that usage line, and `examples` (commands as typed) at the
-    end of its --help."""
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+    """The parser of `python -m MODULE`: that usage line (`hybridgan STAGE` when the `hybridgan`
+    console script runs it), and `examples` (commands as typed) at the end of its --help."""
+    console_script = Path(sys.argv[0]).name == "hybridgan"
+    prog = f"hybridgan {module.removeprefix('hybridgan.')}" if console_script else f"python -m {module}"
+    return argparse.ArgumentParser(prog=prog, description=description,
                                    epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 

@@ -130,6 +130,13 @@ def test_the_console_script_is_declared_and_runs_each_stage_main(capsys):
     assert exit_.value.code == 0 and yaml.safe_load(capsys.readouterr().out)["train"]["epochs"] == 2
 
 
+def test_a_stage_run_by_the_console_script_shows_that_usage(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/hybridgan", "export", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: hybridgan export ")
+
+
 def test_the_console_script_names_an_unknown_stage_and_lists_the_stages(capsys):
     assert cli.main(["trian"]) == 2
     assert capsys.readouterr().err.strip() == ("hybridgan: unknown stage 'trian' (stages: pack, pretrain, train, "
