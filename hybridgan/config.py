@@ -1,8 +1,9 @@
 """Typed configuration: one dataclass tree, YAML files on top, dotted overrides on the command line.
 
-`load_config("configs/paper.yaml", ["train.batch_size=32"])` merges the YAML and the overrides into
-the schema below. OmegaConf rejects unknown keys and wrong types; `_check_ranges` rejects values out
-of range. Every failure is a `ConfigError` whose single line names the file and the dotted key.
+`load_config("paper", ["train.batch_size=32"])` merges the YAML and the overrides into the schema
+below; a config is a YAML file or the name of one shipped in `hybridgan/configs/` (`paper`,
+`smoke-cpu`, `folder-1k-cpu`; the checkout's `configs/` is a link to that folder). OmegaConf rejects
+unknown keys and wrong types; `_check_ranges` rejects values out of range. Every failure is a `ConfigError` whose single line names the file and the dotted key.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +25,31 @@ from hybridgan.atomic import write_text_atomic
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming it."""
+
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+"""The configs shipped inside the package, each named by its file's stem (`paper`, `smoke-cpu` ...)."""
+DEFAULT_CONFIG = "smoke-cpu"
+
+
+def packaged_config_names() -> list[str]:
+    """The names `--config` takes besides a file path: the stems of PACKAGED_CONFIGS' YAML files."""
+    return sorted(path.stem for path in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """The YAML file `config` names: an existing file as given; a value without `/` and without a
+    `.yaml` suffix names a packaged config (ConfigError listing them when there is none of that name);
+    anything else is taken as a path (`load_config` reports it when it is missing)."""
+    path = Path(config)
+    text = str(config)
+    if path.is_file() or "/" in text or text.endswith((".yaml", ".yml")):
+        return path
+    packaged = PACKAGED_CONFIGS / f"{text}.yaml"
+    if not packaged.is_file():
+        raise ConfigError(f"--config {text!r}: no such file and no packaged config of that name "
+                          f"(packaged: {', '.join(packaged_config_names())})")
+    return packaged
 
 
 @dataclass
@@ -384,10 +412,11 @@ def _mapping(loaded: Any, path: Path) -> DictConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    """Schema defaults, then the YAML file at `path` (or the packaged config it names:
+    `resolve_config_path`), then `key=value` overrides; validated."""
     merged = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
@@ -430,17 +459,38 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def cli_parser(module: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
-    """The parser of `python -m MODULE`: that usage line, and `examples` (commands as typed) at the
-    end of its --help."""
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+    """The parser of `python -m MODULE`: that usage line (`hybridgan STAGE` when the `hybridgan`
+    console script runs it), and `examples` (commands as typed) at the end of its --help."""
+    console_script = Path(sys.argv[0]).name == "hybridgan"
+    prog = f"hybridgan {module.removeprefix('hybridgan.')}" if console_script else f"python -m {module}"
+    return argparse.ArgumentParser(prog=prog, description=description,
                                    epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def config_sections_help() -> str:
+    """The --help paragraph on the config: each section with its keys, and how to see every value."""
+    lines = ["config sections and their keys (override any as SECTION.KEY=VALUE;",
+             "--print-config prints every key with its value in the chosen --config):"]
+    defaults = Config()
+    for section in dataclasses.fields(defaults):
+        keys = ", ".join(f.name for f in dataclasses.fields(getattr(defaults, section.name)))
+        lines.append(textwrap.fill(keys, width=100, initial_indent=f"  {section.name}: ", subsequent_indent="    "))
+    return "\n".join(lines)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE` and trailing `key=value` overrides, shared by every stage's CLI."""
-    parser.add_argument("--config", default="configs/smoke-cpu.yaml", help="YAML config file")
+    """`--config FILE|NAME`, `--print-config` and trailing `key=value` overrides, shared by every
+    stage's CLI; the config's sections and keys go into the --help, before its examples (kept
+    as written: the parser's formatter becomes argparse's RawDescriptionHelpFormatter)."""
+    names = ", ".join(packaged_config_names())
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"YAML config file, or the name of a packaged config: {names} (default {DEFAULT_CONFIG})")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32")
+    parser.epilog = config_sections_help() + ("\n\n" + parser.epilog if parser.epilog else "")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -467,8 +517,13 @@ def out_folder(text: str) -> Path:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The validated Config named by parsed `add_config_arguments` arguments; exits on ConfigError."""
+    """The validated Config named by parsed `add_config_arguments` arguments; exits on ConfigError,
+    and after printing it (exit code 0) under `--print-config`."""
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
+    if getattr(args, "print_config", False):
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg

@@ -47,7 +47,7 @@ from hybridgan.config import Config, cli_parser, out_folder
 from hybridgan.data.masks import center_box
 from hybridgan.data.photo import PhotoError, open_photo
 from hybridgan.exports import ExportError, load_export
-from hybridgan.models import ContextEncoder, build_generator
+from hybridgan.models import ContextEncoder, GeneratorFill, build_generator
 from hybridgan.report import image_grid
 
 EXPORT_NAME = "generator.safetensors"
@@ -210,7 +210,7 @@ def inpaint(model: ContextEncoder, photo: np.ndarray, mask: np.ndarray, name: st
     small_mask = F.adaptive_max_pool2d(torch.from_numpy(hole).float()[None, None], size)
     _check_generator_reach(model, small_mask, name)
     device = next(model.parameters()).device
-    filled = model((small * (1 - small_mask)).to(device), small_mask.to(device)).float().cpu()
+    filled = GeneratorFill(model)(small.to(device), small_mask.to(device)).float().cpu()
     upsampled = F.interpolate(filled, size=(crop.side, crop.side), mode="bicubic", align_corners=False)
     fill = ((upsampled[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     result = photo.copy()

@@ -1,7 +1,9 @@
 """Pack a folder, a zip or `synthetic:N` into WebDataset tar shards plus `manifest.json`.
 
-    python -m hybridgan.pack SOURCE --out shards/NAME [--config FILE] [--workers N] [--skip-bad] [key=value ...]
+    python -m hybridgan.pack SOURCE [--out DIR] [--config FILE|NAME] [--workers N] [--skip-bad] [key=value ...]
     python -m hybridgan.pack --verify shards/NAME
+
+`--out` defaults to the config's `data.shards`, the folder the training stages read.
 
 Every file whose suffix is a format Pillow reads is an image (`hybridgan.data.photo`: converted to
 8-bit RGB, EXIF orientation applied); every other file is listed in the manifest as `not_images`
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "python -m hybridgan.pack synthetic:2000 --out shards/synthetic",
         "python -m hybridgan.pack --verify shards/celeba-hq"])
     parser.add_argument("source", nargs="?", help="folder of images, a .zip of one, or synthetic:N")
-    parser.add_argument("--out", type=Path, help="output folder, e.g. shards/NAME")
+    parser.add_argument("--out", type=Path, help="output folder (default: the config's data.shards)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default pack.workers)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images and damaged zip members, list them in the manifest")
@@ -451,16 +453,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.source or args.out:
             parser.error("--verify DIR takes no SOURCE or --out")
         return _verify(args.verify)
-    if not args.source or not args.out:
-        parser.error("SOURCE and --out are required (or --verify DIR)")
     cfg = config_from_args(args)
+    if not args.source:
+        parser.error("SOURCE is required (or --verify DIR)")
+    out = args.out or Path(cfg.data.shards)
     start = time.perf_counter()
     try:
-        manifest = pack(args.source, args.out, cfg.pack, workers=args.workers, skip_bad=args.skip_bad)
+        manifest = pack(args.source, out, cfg.pack, workers=args.workers, skip_bad=args.skip_bad)
     except PackError as err:
         print(f"pack error: {err}", file=sys.stderr)
         return 2
-    print("\n".join(summary_lines(manifest, args.out, time.perf_counter() - start)))
+    print("\n".join(summary_lines(manifest, out, time.perf_counter() - start)))
     return 0
 
 

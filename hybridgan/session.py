@@ -39,7 +39,7 @@ from hybridgan.config import Config, StageConfig
 from hybridgan.core.cadence import Cadence, epoch_batches
 from hybridgan.core.cli import run_stage_cli
 from hybridgan.core.engine import (backward_and_step, build_adam, check_cpu_compiler, make_accelerator,
-                                   prepare_model, speed_up, stage_lr)
+                                   prepare_model, require_deepspeed, speed_up, stage_lr)
 from hybridgan.core.errors import TrainingError
 from hybridgan.core.folder import StageFolder
 from hybridgan.core.loss_book import LossBook, NonFinite, TrainState
@@ -48,7 +48,7 @@ from hybridgan.host_memory import keep_freed_memory
 from hybridgan.tracking import MetricsLogger, flat_config, stage_trackers
 
 __all__ = ["EXIT_REQUEUE", "MIN_BATCH_PER_RANK", "TrainState", "TrainingError", "TrainingSession", "build_adam",
-           "clock", "run_stage", "run_stage_cli", "speed_up", "stage_lr"]
+           "clock", "require_deepspeed", "run_stage", "run_stage_cli", "speed_up", "stage_lr"]
 
 EXIT_REQUEUE = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): not done, re-run to resume."""

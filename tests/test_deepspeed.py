@@ -3,10 +3,16 @@ the DDP path's objective (no clipping unless `grad_clip`), bf16, and resume of b
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from safetensors.torch import load_file
 
-from conftest import tiny_args
+from conftest import tiny_args, tiny_config
+from hybridgan import train as train_module
+from hybridgan.config import save_config
+from hybridgan.export import main as export_main
+from hybridgan.session import TrainingError, require_deepspeed
 from hybridgan.train import EXPORT_NAME
 from stage_runs import (ACCELERATE, assert_same_weights, free_port, kill_after_checkpoint, latest_step, launches,
                         read_records, run_stage)
@@ -67,3 +73,30 @@ def test_bf16_zero2_steps_give_finite_float32_losses_without_deepspeed_noise(tin
     # instead of writing into the progress bar
     warning = result.stderr.find("Setting accelerator to CPU")
     assert result.stderr.count("Setting accelerator to CPU") <= 1 and warning < result.stderr.find("train-hybrid:")
+
+
+def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line_naming_the_extra(tiny_shards, tmp_path,
+                                                                                     monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without it finds
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(tiny_args(tiny_shards, tmp_path, "discriminator.from_scratch=true"))
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), and deepspeed is not installed: "
+        "pip install 'hybridgan[deepspeed]'")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(TrainingError, match=r"and deepspeed and transformers are not installed: pip install"):
+        require_deepspeed(("gen", "disc"))
+
+
+def test_exporting_a_deepspeed_checkpoint_without_deepspeed_installed_names_the_extra(tmp_path, monkeypatch, capsys):
+    stage = tmp_path / "run" / "train-hybrid"
+    engine = stage / "checkpoints" / "step-00000002" / "pytorch_model"
+    engine.mkdir(parents=True)
+    (stage / "checkpoints" / "latest").write_text("step-00000002")
+    save_config(tiny_config(tmp_path, tmp_path), stage / "config.yaml")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    assert export_main([str(stage)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {engine}: a DeepSpeed checkpoint, and DeepSpeed is not "
+                                               f"installed: pip install 'hybridgan[deepspeed]'")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +239,78 @@ def test_an_out_that_is_a_file_and_a_negative_box_are_one_line_each(workdir, cap
         main(["--generator", gen, str(workdir / "face.png"), "--out", str(workdir / "x"), "--box", "-1,2,30,30"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith("argument --box: --box '-1,2,30,30': need TOP, LEFT >= 0 and H, W > 0")
+
+
+STANDALONE_RUNNER = """
+import sys
+sys.modules["hybridgan"] = None  # any import of this package fails: the file must run on PyTorch alone
+import torch
+fill = torch.export.load(sys.argv[1]).module()
+image, mask = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(fill(image, mask), sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("overrides, box", [
+    (["generator.seam_blend=4"], None),  # centre hole, hole-sized prediction, seam blend on
+    (["mask.kind=random_box", "mask.min_box=8", "mask.max_box=16"], (5, 9, 12, 10)),  # image-sized prediction
+])
+def test_the_standalone_export_runs_without_hybridgan_and_fills_the_pixels_inpaint_does(tmp_path, overrides, box):
+    from hybridgan.export import main as export_main
+    from hybridgan.inpaint import box_mask, inpaint, load_generator
+    from hybridgan.models import GeneratorFill
+
+    source = export_generator(tmp_path / "generator.safetensors", overrides)
+    assert export_main([str(source), "--standalone"]) == 0
+    standalone = tmp_path / "generator.pt2"
+    generator, cfg = load_generator(source)
+    size = cfg.data.image_size
+    photo = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    hole = default_mask(cfg, size, size) if box is None else box_mask(box, size, size)
+    image = torch.from_numpy(photo).permute(2, 0, 1).float().div(127.5).sub(1)[None]  # NCHW in [-1, 1]
+    mask = torch.from_numpy(hole).float()[None, None]  # 1 in the hole
+    torch.save((image, mask), tmp_path / "inputs.pt")
+
+    runner = subprocess.run([sys.executable, "-c", STANDALONE_RUNNER, str(standalone), str(tmp_path / "inputs.pt"),
+                             str(tmp_path / "filled.pt")], cwd=tmp_path, capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
+    assert runner.returncode == 0, runner.stderr[-3000:]
+    filled = torch.load(tmp_path / "filled.pt")
+    with torch.no_grad():
+        assert (filled - GeneratorFill(generator)(image, mask)).abs().max() < 1e-5
+    pixels = ((filled[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    expected = inpaint(generator, photo, hole)
+    assert np.array_equal(pixels, expected)
+    assert np.array_equal(pixels[~hole], photo[~hole]) and (pixels[hole] != photo[hole]).any()
+
+
+def test_the_standalone_export_of_a_stage_reads_its_checkpoint(workdir, capsys):
+    from hybridgan.export import main as export_main
+    from hybridgan.models import GeneratorFill
+
+    cfg = load_config(None, TINY)
+    generator = build_generator(cfg).eval()
+    stage = workdir / "runs" / "standalone" / "train-hybrid"
+    fake_checkpoint(stage, 7, generator.state_dict(), cfg)
+    assert export_main([str(stage), "--standalone"]) == 0
+    written = stage / "generator-step-00000007.pt2"
+    assert capsys.readouterr().out.strip() == str(written)
+    image, mask = torch.rand(3, 3, 32, 32) * 2 - 1, torch.zeros(3, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(written).module()(image, mask), GeneratorFill(generator)(image, mask))
+    assert export_main([str(workdir / "free.safetensors"), "--standalone", "--step", "7"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --step reads a stage's checkpoint; "
+                                               f"{workdir / 'free.safetensors'} is a file")
+
+
+def test_the_standalone_export_takes_a_generator_only(workdir, capsys):
+    from hybridgan.export import main as export_main
+
+    stage = workdir / "runs" / "d" / "pretrain"
+    cfg = load_config(None, TINY)
+    fake_checkpoint(stage, 3, {"weight": torch.zeros(1)}, cfg)
+    assert export_main([str(stage), "--standalone"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {stage}: --standalone exports a generator; "
+                                               f"this stage trains the discriminator")

@@ -39,7 +39,7 @@ from hybridgan.bench.matrix import MATRIX, device_slug, run_matrix
 from hybridgan.bench.measure import (DEFAULT_RATE_SIZE, PAPER_IMAGES_PER_S, PEAK_BF16_FLOPS, PhaseTimer, device_name,
                                      machine_rates, peak_flops, vs_machine)
 from hybridgan.bench.stages import STAGES, bench_config, bench_stage, run_stages
-from hybridgan.config import cli_parser
+from hybridgan.config import cli_parser, config_from_args
 
 __all__ = ["DEFAULT_RATE_SIZE", "MATRIX", "PAPER_IMAGES_PER_S", "PEAK_BF16_FLOPS", "STAGES", "PhaseTimer",
            "bench_config", "bench_stage", "device_name", "device_slug", "machine_rates", "main", "peak_flops",
@@ -57,4 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     for subcommand in (loader, stages, matrix):
         subcommand.add_parser(subparsers)
     args = parser.parse_args(argv)
+    if args.print_config:
+        config_from_args(args)
     return args.func(args)

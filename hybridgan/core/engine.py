@@ -3,6 +3,7 @@ optimisers (`build_adam`, `stage_lr`) and one backward and step (`backward_and_s
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Any
@@ -23,6 +24,16 @@ from hybridgan.core.errors import TrainingError
 from hybridgan.devices import launched_mixed_precision, use_channels_last
 
 
+def require_deepspeed(models: tuple[str, ...]) -> None:
+    """TrainingError naming what is missing when a DeepSpeed launch finds DeepSpeed (or, for one
+    engine per model, `transformers`, which Accelerate's several-plugin path imports) not installed."""
+    needed = ("deepspeed", "transformers") if len(models) > 1 else ("deepspeed",)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TrainingError(f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), and {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'hybridgan[deepspeed]'")
+
+
 def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...], trackers: list[GeneralTracker],
                      stage_key: str) -> Accelerator:
     """The Accelerator for whatever `accelerate launch` set up, with the stage's mixed precision
@@ -38,6 +49,7 @@ def make_accelerator(stage_cfg: StageConfig, models: tuple[str, ...], trackers: 
                                          os.environ.get("ACCELERATE_MIXED_PRECISION"))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return Accelerator(cpu=cpu, mixed_precision=precision, log_with=trackers or None)
+    require_deepspeed(models)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
     plugins = {name: DeepSpeedPlugin() for name in models} if len(models) > 1 else None
     accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, deepspeed_plugins=plugins,

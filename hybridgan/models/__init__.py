@@ -5,13 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from hybridgan.config import Config
-from hybridgan.models.generator import ContextEncoder
+from hybridgan.models.generator import ContextEncoder, GeneratorFill
 from hybridgan.models.hybrid import DiscOutput, HybridDiscriminator, ModelWeightsError, load_resnet_weights
 from hybridgan.models.pathak import PathakDiscriminator
 from hybridgan.models.summary import model_summary
 
 __all__ = [
-    "ContextEncoder", "DiscOutput", "HybridDiscriminator", "ModelWeightsError", "PathakDiscriminator",
+    "ContextEncoder", "DiscOutput", "GeneratorFill", "HybridDiscriminator", "ModelWeightsError", "PathakDiscriminator",
     "build_discriminator", "build_generator", "load_resnet_weights", "model_summary",
 ]
 

@@ -196,3 +196,20 @@ class ContextEncoder(nn.Module):
             correction = seam_correction(canvas, masked, mask, self.seam_blend, self.hole_window)
             canvas = (canvas + correction).clamp(-1.0, 1.0)
         return mask * canvas + (1 - mask) * masked
+
+
+class GeneratorFill(nn.Module):
+    """G's whole fill at its own size, as `hybridgan.inpaint` runs it: (image, mask) -> filled image.
+
+    `image` is [N, 3, S, S] in [-1, 1] (S = `image_size`), `mask` [N, 1, S, S] with 1 in the hole and
+    0 elsewhere. The hole's pixels are zeroed, G predicts, and `ContextEncoder.forward` composes
+    (seam blend included): the result equals `image` exactly outside the hole. This module holds
+    nothing but G, so `torch.export` of it runs without this package (`hybridgan.export --standalone`).
+    """
+
+    def __init__(self, generator: ContextEncoder) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, image: Tensor, mask: Tensor) -> Tensor:
+        return self.generator(image * (1 - mask), mask)
