@@ -334,7 +334,8 @@ _DESCRIPTION = " ".join(__doc__.split("\n\n")[0].split())
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.submit", description=_DESCRIPTION)
     p.add_argument("stage", choices=[*STAGES, "chain"], help="one stage, or the whole chain")
-    p.add_argument("--config", default="configs/smoke-cpu.yaml", help="YAML config file")
+    p.add_argument("--config", default="smoke-cpu",
+                   help="a YAML config file or a packaged config's name (paper, smoke-cpu, folder-1k-cpu)")
     p.add_argument("--data", help="images to pack: a folder, a .zip or synthetic:N (default: data.source)")
     p.add_argument("--cluster", choices=["slurm", "local"], default="slurm")
     p.add_argument("--partition", help="Slurm partition (default: the cluster's default)")

@@ -29,7 +29,9 @@ hg_init() {
   if [ -n "$HYBRIDGAN_ACTIVATE" ]; then
     eval "$HYBRIDGAN_ACTIVATE" || hg_die "HYBRIDGAN_ACTIVATE='$HYBRIDGAN_ACTIVATE' failed"
   fi
-  [ -f "$CONFIG" ] || hg_die "CONFIG=$CONFIG: config file not found (relative to $HYBRIDGAN_ROOT)"
+  # a file, or the name of a config shipped in the package (paper, smoke-cpu, ...), resolved below
+  [ -f "$CONFIG" ] || [[ "$CONFIG" != */* && "$CONFIG" != *.yaml ]] ||
+    hg_die "CONFIG=$CONFIG: config file not found (relative to $HYBRIDGAN_ROOT)"
   if [ -n "${ACCELERATE_CONFIG:-}" ] && [ ! -f "$ACCELERATE_CONFIG" ]; then
     hg_die "ACCELERATE_CONFIG=$ACCELERATE_CONFIG: file not found (relative to $HYBRIDGAN_ROOT)"
   fi
