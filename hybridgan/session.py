@@ -11,11 +11,12 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 - the global batch: `batch_size` images per optimiser step on any world size, `batch_size_per_rank`
   on each rank,
 - resume: re-running the same command loads the newest intact checkpoint and continues from its
-  step, on the same or another world size,
+  step, on the same or another world size (`hybridgan.core.resume`),
 - checkpoints every `checkpoint_every` steps or `checkpoint_every_minutes` (and on SIGTERM/SIGUSR1/
   SIGINT, then exit code 75 so that a scheduler requeues and the re-run resumes), keeping the last
-  `keep_checkpoints`, written in the background (`checkpoint_async`, `hybridgan.checkpoint`), and
-  evaluation every `eval_every` steps or `eval_every_minutes` (`hybridgan.core.cadence`),
+  `keep_checkpoints`, written in the background (`checkpoint_async`; saved and waited for by
+  `hybridgan.core.resume`, written by `hybridgan.checkpoint`), and evaluation every `eval_every`
+  steps or `eval_every_minutes` (`hybridgan.core.cadence`),
 - the NaN guard: a non-finite loss, gradient norm, weight or buffer (BatchNorm's running statistics)
   stops the run with one line naming the step and the value, before any checkpoint or export of it,
   and the last good checkpoint stays the latest (`hybridgan.core.loss_book`),
@@ -30,11 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, set_seed
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from hybridgan.checkpoint import CheckpointError, CheckpointManager, any_rank
 from hybridgan.config import Config, StageConfig
 from hybridgan.core.cadence import Cadence, epoch_batches
 from hybridgan.core.cli import run_stage_cli
@@ -43,6 +43,7 @@ from hybridgan.core.engine import (backward_and_step, build_adam, check_cpu_comp
 from hybridgan.core.errors import TrainingError
 from hybridgan.core.folder import StageFolder
 from hybridgan.core.loss_book import LossBook, NonFinite, TrainState
+from hybridgan.core.resume import StageCheckpoints
 from hybridgan.data.loader import batches_per_epoch, train_loader
 from hybridgan.host_memory import keep_freed_memory
 from hybridgan.tracking import MetricsLogger, flat_config, stage_trackers
@@ -80,15 +81,16 @@ class TrainingSession:
         set_seed(cfg.run.seed, device_specific=False)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
-        self.checkpoints = CheckpointManager(self.accelerator, self.dir, stage_cfg.keep_checkpoints,
-                                             background=stage_cfg.checkpoint_async)
         self.logger = MetricsLogger(self.dir, None)
         self.folder = StageFolder(self.dir, cfg, self.stage_key, self.accelerator)
         self.cadence = Cadence(stage_cfg, self.accelerator, clock=lambda: clock())  # read late: tests replace it
         self.losses = LossBook(self.accelerator, self.state)
+        self.checkpoints = StageCheckpoints(self.accelerator, self.folder, self.losses, self.cadence, stage_cfg,
+                                            {"world_size": self.world_size,
+                                             "batch_size_per_rank": self.batch_size_per_rank},
+                                            cfg.run.restart_damaged)
         self.total_steps = 0  # set by `start`; before it, `optimize` steps at the undecayed lr (`stage_lr`)
         self._bar: tqdm | None = None
-        self._last_checkpoint_step = -1
         self.folder.open()
         self.accelerator.wait_for_everyone()
 
@@ -163,7 +165,7 @@ class TrainingSession:
         self._on_epoch_end = on_epoch_end
         self._on_eval = on_eval
         try:
-            resumed_from = self._resume()
+            resumed_from = self.checkpoints.resume()
         except TrainingError:
             self.folder.release()
             raise
@@ -179,42 +181,6 @@ class TrainingSession:
             self._bar = tqdm(total=total_steps, initial=self.state.step, desc=self.dir.name,
                              dynamic_ncols=True, file=sys.stderr)
         return self.state.step
-
-    def _resume(self) -> dict[str, Any] | None:
-        """Load the newest intact checkpoint, if any (chosen by the main process: damaged ones are
-        moved aside and named); returns the world size and per-rank batch it was written with.
-
-        Onto another world size the run continues exactly: the global batch is the same (the config
-        check refuses another), global step g trains on the same images whatever the world size (the
-        loader's contract) and the epoch's loss sums are per-step means over ranks. DeepSpeed's ZeRO
-        checkpoints partition the optimizer state per rank, so there another world size is refused.
-        """
-        problem, name = None, None
-        if self.is_main:
-            try:
-                found = self.checkpoints.find_resume_point(self.print, self.cfg.run.restart_damaged)
-                name = found.name if found else None
-            except (CheckpointError, OSError) as err:
-                problem = str(err)
-        if any_rank(self.accelerator, problem is not None)[0]:
-            raise TrainingError(problem or f"{self.dir}: the main process found no usable checkpoint")
-        name = broadcast_object_list([name])[0] if self.world_size > 1 else name
-        if name is None:
-            return None
-        path = self.checkpoints.dir / name
-        saved = self.checkpoints.saved_with(path)
-        if saved and saved["world_size"] != self.world_size and self.uses_deepspeed:
-            raise TrainingError(f"{path}: written by {saved['world_size']} DeepSpeed ranks, cannot resume on "
-                                f"{self.world_size} (ZeRO partitions the optimizer state per rank); resume on "
-                                f"{saved['world_size']}")
-        self.checkpoints.load(path)
-        self._last_checkpoint_step = self.state.step
-        self.print(f"resumed {self.dir} from {name} (step {self.state.step})")
-        if saved and saved["world_size"] != self.world_size:
-            self.print(f"the checkpoint was written by {saved['world_size']} rank(s) x {saved['batch_size_per_rank']} "
-                       f"images, resumed on {self.world_size} x {self.batch_size_per_rank}: same global batch "
-                       f"{self.stage_cfg.batch_size}, same data order")
-        return saved
 
     def batches(self, loader: Callable[[int, int], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
         """(epoch, batch) pairs from the resumed step to `total_steps` (`cadence.epoch_batches`)."""
@@ -271,30 +237,17 @@ class TrainingSession:
     def _stop_non_finite(self, what: str) -> NoReturn:
         """Close the session and raise TrainingError: `what`, and the checkpoint that is kept."""
         self.close()
-        latest = self.checkpoints.latest()
-        kept = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint was written yet"
-        raise TrainingError(f"{what}; stopped, {kept}")
+        raise TrainingError(f"{what}; stopped, {self.checkpoints.kept()}")
 
     def checkpoint(self) -> None:
-        """Save a checkpoint of the current step, once (all ranks must call it).
-
-        Accelerate saves registered objects from the main process only, so the ranks' running loss
-        sums are first folded into the epoch sums every rank holds alike. The minutes until the next
-        checkpoint by `checkpoint_every_minutes` count from here. A failed background write of the
-        previous checkpoint closes the session and raises TrainingError naming its folder.
-        """
-        if self._last_checkpoint_step == self.state.step:
-            return
-        self.folder.pin_config()
-        self.losses.fold_epoch_sums()
+        """Save a checkpoint of the current step, once (all ranks must call it; `StageCheckpoints.save`).
+        A failed background write of the previous checkpoint closes the session and raises
+        TrainingError naming its folder."""
         try:
-            self.checkpoints.save(self.state.step, {"world_size": self.world_size,
-                                                    "batch_size_per_rank": self.batch_size_per_rank})
-        except CheckpointError as err:
+            self.checkpoints.save()
+        except TrainingError:
             self.close()
-            raise TrainingError(str(err)) from None
-        self._last_checkpoint_step = self.state.step
-        self.cadence.checkpointed()
+            raise
 
     def close(self) -> None:
         """Wait for the checkpoint write in flight, close the progress bar and the metrics, release
@@ -303,8 +256,8 @@ class TrainingSession:
         last checkpoint could not be written (naming its folder; the previous one stays the latest)."""
         try:
             self.checkpoints.wait()
-        except CheckpointError as err:
-            failure = str(err)
+        except TrainingError as err:
+            failure = err
         else:
             failure = None
         self.cadence.restore_signals()
@@ -314,7 +267,7 @@ class TrainingSession:
         self.logger.close()
         self.folder.release()
         if failure is not None:
-            raise TrainingError(failure)
+            raise failure
 
     def finish(self) -> None:
         """Final checkpoint (if the last step has none yet) and close."""

@@ -6,7 +6,9 @@
 - `cadence`: which step of which epoch, and what a step is due for (log, evaluation, checkpoint,
   stop), by steps, by minutes and by stop signals, the same on every rank,
 - `loss_book`: the losses (epoch sums and means over ranks, read-back at log steps) and the NaN guard,
+- `resume`: the checkpoints of a stage: the one a (re-)run resumes from (damaged ones moved aside,
+  `run.restart_damaged`), and the save of the current step and the wait for its background write,
 - `cli`: a stage's command line.
 
-Checkpoints are `hybridgan.checkpoint`.
+The checkpoints' files (layout, manifests, the background writer) are `hybridgan.checkpoint`.
 """
