@@ -28,7 +28,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NoReturn
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from accelerate.utils import DistributedType, set_seed
@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 from hybridgan.config import Config, StageConfig
 from hybridgan.core.cadence import Cadence, epoch_batches
 from hybridgan.core.cli import run_stage_cli
-from hybridgan.core.engine import (backward_and_step, build_adam, check_cpu_compiler, make_accelerator,
-                                   prepare_model, require_deepspeed, speed_up, stage_lr)
+from hybridgan.core.engine import (MIN_BATCH_PER_RANK, backward_and_step, batch_size_per_rank, build_adam,
+                                   check_cpu_compiler, make_accelerator, prepare_model, require_deepspeed, speed_up,
+                                   stage_lr)
 from hybridgan.core.errors import TrainingError
 from hybridgan.core.folder import StageFolder
 from hybridgan.core.loss_book import LossBook, NonFinite, TrainState
@@ -53,9 +54,6 @@ __all__ = ["EXIT_REQUEUE", "MIN_BATCH_PER_RANK", "TrainState", "TrainingError", 
 
 EXIT_REQUEUE = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): not done, re-run to resume."""
-
-MIN_BATCH_PER_RANK = 2
-"""BatchNorm in training mode needs two images per rank (the generator's 1x1 bottleneck fails on one)."""
 
 clock = time.monotonic
 """The time source of `checkpoint_every_minutes` and `eval_every_minutes`, read by the main process
@@ -73,7 +71,7 @@ class TrainingSession:
         self.accelerator = make_accelerator(stage_cfg, models, stage_trackers(cfg.tracking.backends, cfg.run.name,
                                                                               self.dir), self.stage_key)
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.batch_size_per_rank = self._batch_size_per_rank()
+        self.batch_size_per_rank = batch_size_per_rank(self.stage_key, stage_cfg.batch_size, self.world_size)
         if stage_cfg.compile and self.device.type == "cpu":
             check_cpu_compiler(self.stage_key)
         if self.device.type == "cpu":  # every step allocates the same large gradients (hybridgan.host_memory)
@@ -93,19 +91,6 @@ class TrainingSession:
         self._bar: tqdm | None = None
         self.folder.open()
         self.accelerator.wait_for_everyone()
-
-    def _batch_size_per_rank(self) -> int:
-        """The global batch's share of each rank; TrainingError when it does not divide or leaves
-        BatchNorm too few images."""
-        key, batch, world = self.stage_key, self.stage_cfg.batch_size, self.world_size
-        if batch % world:
-            raise TrainingError(f"{key}.batch_size={batch} (the global batch) is not divisible by the world size "
-                                f"{world}")
-        if batch // world < MIN_BATCH_PER_RANK:
-            raise TrainingError(f"{key}.batch_size={batch} (the global batch) on world size {world} leaves "
-                                f"{batch // world} image per rank; BatchNorm needs at least {MIN_BATCH_PER_RANK}: "
-                                f"raise the batch (docs/scaling.md) or use fewer ranks")
-        return batch // world
 
     @property
     def is_main(self) -> bool:
@@ -224,8 +209,9 @@ class TrainingSession:
         """
         try:
             read = self.losses.read_back()
-        except NonFinite as err:
-            self._stop_non_finite(str(err))
+        except NonFinite as err:  # close the session; the newest checkpoint is the last good one
+            self.close()
+            raise TrainingError(f"{err}; stopped, {self.checkpoints.kept()}")
         if read is None:
             return {}
         last_step, means = read
@@ -233,11 +219,6 @@ class TrainingSession:
         if self._bar is not None:
             self._bar.set_postfix({n: f"{v:.4f}" for n, v in means.items()}, refresh=False)
         return means
-
-    def _stop_non_finite(self, what: str) -> NoReturn:
-        """Close the session and raise TrainingError: `what`, and the checkpoint that is kept."""
-        self.close()
-        raise TrainingError(f"{what}; stopped, {self.checkpoints.kept()}")
 
     def checkpoint(self) -> None:
         """Save a checkpoint of the current step, once (all ranks must call it; `StageCheckpoints.save`).

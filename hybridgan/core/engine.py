@@ -1,5 +1,6 @@
-"""The Accelerator of a stage and what goes into it: the models (`speed_up`, `prepare_model`), their
-optimisers (`build_adam`, `stage_lr`) and one backward and step (`backward_and_step`)."""
+"""The Accelerator of a stage and what goes into it: each rank's share of the global batch
+(`batch_size_per_rank`), the models (`speed_up`, `prepare_model`), their optimisers (`build_adam`,
+`stage_lr`) and one backward and step (`backward_and_step`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,23 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from hybridgan.config import StageConfig, scaled_lr
 from hybridgan.core.errors import TrainingError
 from hybridgan.devices import launched_mixed_precision, use_channels_last
+
+
+MIN_BATCH_PER_RANK = 2
+"""BatchNorm in training mode needs two images per rank (the generator's 1x1 bottleneck fails on one)."""
+
+
+def batch_size_per_rank(stage_key: str, batch: int, world: int) -> int:
+    """The global batch `batch` (`stage_key.batch_size`)'s share of each of `world` ranks;
+    TrainingError when it does not divide or leaves BatchNorm too few images."""
+    if batch % world:
+        raise TrainingError(f"{stage_key}.batch_size={batch} (the global batch) is not divisible by the world size "
+                            f"{world}")
+    if batch // world < MIN_BATCH_PER_RANK:
+        raise TrainingError(f"{stage_key}.batch_size={batch} (the global batch) on world size {world} leaves "
+                            f"{batch // world} image per rank; BatchNorm needs at least {MIN_BATCH_PER_RANK}: "
+                            f"raise the batch (docs/scaling.md) or use fewer ranks")
+    return batch // world
 
 
 def require_deepspeed(models: tuple[str, ...]) -> None:
