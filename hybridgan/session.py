@@ -9,7 +9,7 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
   experiment is refused, naming the keys; scheduling settings and a longer run are accepted and
   written back),
 - the global batch: `batch_size` images per optimiser step on any world size, `batch_size_per_rank`
-  on each rank,
+  on each rank (`hybridgan.core.engine`),
 - resume: re-running the same command loads the newest intact checkpoint and continues from its
   step, on the same or another world size (`hybridgan.core.resume`),
 - checkpoints every `checkpoint_every` steps or `checkpoint_every_minutes` (and on SIGTERM/SIGUSR1/

@@ -1,7 +1,8 @@
 """The parts of the training core that `hybridgan.session.TrainingSession` composes, one job each:
 
 - `errors`: `TrainingError`, the one-line failure of a stage,
-- `engine`: the Accelerator of a stage and what goes into it (models, optimisers, a backward and step),
+- `engine`: the Accelerator of a stage and what goes into it (each rank's share of the global batch,
+  models, optimisers, a backward and step),
 - `folder`: the stage folder (its lock, the config rules of a resume, `launches.jsonl`),
 - `cadence`: which step of which epoch, and what a step is due for (log, evaluation, checkpoint,
   stop), by steps, by minutes and by stop signals, the same on every rank,
