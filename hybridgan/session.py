@@ -20,7 +20,8 @@ A `TrainingSession` owns, for one stage folder `runs/<name>/<stage>/`:
 - the NaN guard: a non-finite loss, gradient norm, weight or buffer (BatchNorm's running statistics)
   stops the run with one line naming the step and the value, before any checkpoint or export of it,
   and the last good checkpoint stays the latest (`hybridgan.core.loss_book`),
-- rank-0-only metrics (`metrics.jsonl`, the trackers of `tracking.backends`) and the progress bar.
+- rank-0-only metrics (`metrics.jsonl`, the trackers of `tracking.backends`) and the progress bar
+  (`hybridgan.core.progress`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from hybridgan.config import Config, StageConfig
 from hybridgan.core.cadence import Cadence, epoch_batches
@@ -44,6 +44,7 @@ from hybridgan.core.engine import (MIN_BATCH_PER_RANK, backward_and_step, batch_
 from hybridgan.core.errors import TrainingError
 from hybridgan.core.folder import StageFolder
 from hybridgan.core.loss_book import LossBook, NonFinite, TrainState
+from hybridgan.core.progress import StageProgress
 from hybridgan.core.resume import StageCheckpoints
 from hybridgan.data.loader import batches_per_epoch, train_loader
 from hybridgan.host_memory import keep_freed_memory
@@ -71,6 +72,8 @@ class TrainingSession:
         self.accelerator = make_accelerator(stage_cfg, models, stage_trackers(cfg.tracking.backends, cfg.run.name,
                                                                               self.dir), self.stage_key)
         self.uses_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.batch_size_per_rank = batch_size_per_rank(self.stage_key, stage_cfg.batch_size, self.world_size)
         if stage_cfg.compile and self.device.type == "cpu":
             check_cpu_compiler(self.stage_key)
@@ -79,7 +82,7 @@ class TrainingSession:
         set_seed(cfg.run.seed, device_specific=False)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
-        self.logger = MetricsLogger(self.dir, None)
+        self.progress = StageProgress(self.dir)
         self.folder = StageFolder(self.dir, cfg, self.stage_key, self.accelerator)
         self.cadence = Cadence(stage_cfg, self.accelerator, clock=lambda: clock())  # read late: tests replace it
         self.losses = LossBook(self.accelerator, self.state)
@@ -88,30 +91,13 @@ class TrainingSession:
                                              "batch_size_per_rank": self.batch_size_per_rank},
                                             cfg.run.restart_damaged)
         self.total_steps = 0  # set by `start`; before it, `optimize` steps at the undecayed lr (`stage_lr`)
-        self._bar: tqdm | None = None
         self.folder.open()
         self.accelerator.wait_for_everyone()
 
     @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world_size(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def _pending_losses(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
-        """The (step, losses) not read back yet (`LossBook.pending`)."""
-        return self.losses.pending
+    def logger(self) -> MetricsLogger:
+        """The stage's records (`metrics.jsonl`, the trackers), for the loops' own scalars and images."""
+        return self.progress.logger
 
     def print(self, *args: Any) -> None:
         """Print on the main process only."""
@@ -154,17 +140,11 @@ class TrainingSession:
         except TrainingError:
             self.folder.release()
             raise
-        self.logger = MetricsLogger(self.dir, self.accelerator, resume_step=self.state.step, say=self.print,
-                                    config=flat_config(OmegaConf.to_container(OmegaConf.structured(self.cfg))))
-        acc = self.accelerator
-        self.folder.record_launch(world_size=acc.num_processes, batch_size_per_rank=self.batch_size_per_rank,
-                                  distributed_type=str(acc.distributed_type), device=str(acc.device),
-                                  mixed_precision=acc.mixed_precision, start_step=self.state.step,
+        self.progress.open(self.accelerator, self.state.step, total_steps,
+                           flat_config(OmegaConf.to_container(OmegaConf.structured(self.cfg))))
+        self.folder.record_launch(batch_size_per_rank=self.batch_size_per_rank, start_step=self.state.step,
                                   total_steps=total_steps, resumed_from=resumed_from)
         self.cadence.start()
-        if self.is_main:
-            self._bar = tqdm(total=total_steps, initial=self.state.step, desc=self.dir.name,
-                             dynamic_ncols=True, file=sys.stderr)
         return self.state.step
 
     def batches(self, loader: Callable[[int, int], Iterable[Any]]) -> Iterator[tuple[int, Any]]:
@@ -180,8 +160,7 @@ class TrainingSession:
         self.state.step += 1
         step = self.state.step
         self.losses.add(step, losses)
-        if self._bar is not None:
-            self._bar.update(1)
+        self.progress.stepped()
         due = self.cadence.due(step, self.steps_per_epoch, self.total_steps, self._on_eval is not None)
         if due.flush:
             self.flush_losses(epoch)
@@ -215,9 +194,7 @@ class TrainingSession:
         if read is None:
             return {}
         last_step, means = read
-        self.logger.scalars("train", last_step, epoch + 1, means)
-        if self._bar is not None:
-            self._bar.set_postfix({n: f"{v:.4f}" for n, v in means.items()}, refresh=False)
+        self.progress.losses(last_step, epoch + 1, means)
         return means
 
     def checkpoint(self) -> None:
@@ -242,10 +219,7 @@ class TrainingSession:
         else:
             failure = None
         self.cadence.restore_signals()
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self.logger.close()
+        self.progress.close()
         self.folder.release()
         if failure is not None:
             raise failure

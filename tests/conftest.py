@@ -44,6 +44,26 @@ def tiny_args(shards: Path, runs: Path, *overrides: str) -> list[str]:
             "run.name=t", *overrides]
 
 
+LONGEST_FIRST = ("test_reproduce.py", "test_deepspeed.py", "test_pretrain.py", "test_slurm.py", "test_train.py",
+                 "test_session.py")
+"""The test files that take longest (pytest's `--durations` in any CI log; single long tests first), collected
+first so that the two workers of tests/run.sh (a file each at a time) finish together; only the order changes."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    order = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's own torch gets its share of the cores, not all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _single_thread_per_test_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Subprocesses started by tests inherit a thread cap, so 2-rank runs do not fight for 2 cores."""

@@ -18,7 +18,7 @@ def reproduce(tmp_path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "hybridgan.reproduce", "--config", str(SMOKE), "--data", "synthetic:80",
                *TINY_OVERRIDES, f"data.shards={tmp_path / 'shards'}", f"run.root={tmp_path / 'runs'}", "run.name=t",
                "pack.shard_size=10", "pack.val_fraction=0.1", "pack.test_fraction=0.1", "pack.workers=1",
-               "train.epochs=3", "train.lr=0.002", *extra]
+               "train.epochs=2", "train.lr=0.002", *extra]
     return subprocess.run(command, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=600)
 
 

@@ -364,7 +364,7 @@ def test_a_non_finite_gradient_norm_with_a_finite_loss_stops_the_run_naming_the_
     loss = (model.weight.abs() * 0).sqrt().sum()  # 0, with an infinite slope
     session.optimize(loss, model, optimizer)
     session.state.step = 1
-    session._pending_losses.append((1, {"disc_loss": loss.detach()}))
+    session.losses.pending.append((1, {"disc_loss": loss.detach()}))
     with pytest.raises(TrainingError, match="^step 1: the gradient norm of disc is nan; stopped, no checkpoint"):
         session.flush_losses(0)
 

@@ -9,6 +9,7 @@
 - `loss_book`: the losses (epoch sums and means over ranks, read-back at log steps) and the NaN guard,
 - `resume`: the checkpoints of a stage: the one a (re-)run resumes from (damaged ones moved aside,
   `run.restart_damaged`), and the save of the current step and the wait for its background write,
+- `progress`: what a stage shows as it trains (`metrics.jsonl`, the trackers, the progress bar),
 - `cli`: a stage's command line.
 
 The checkpoints' files (layout, manifests, the background writer) are `hybridgan.checkpoint`.

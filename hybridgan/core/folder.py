@@ -126,10 +126,14 @@ class StageFolder:
             self._config_pending = False
 
     def record_launch(self, **how: Any) -> None:
-        """Append the time, the host and `how` this (re)start ran to `launches.jsonl` (main process)."""
-        if not self.accelerator.is_main_process:
+        """Append the time, the host, the accelerator's world size, distributed type, device and mixed
+        precision, and `how` this (re)start ran to `launches.jsonl` (main process)."""
+        acc = self.accelerator
+        if not acc.is_main_process:
             return
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), **how}
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+                  "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
+                  "device": str(acc.device), "mixed_precision": acc.mixed_precision, **how}
         set_aside_torn_line(self.path / "launches.jsonl", self.accelerator.print)
         append_record(self.path / "launches.jsonl", record)
 
