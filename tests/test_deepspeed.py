@@ -97,7 +97,7 @@ def test_exporting_a_deepspeed_checkpoint_without_deepspeed_installed_names_the_
     (stage / "checkpoints" / "latest").write_text("step-00000002")
     save_config(tiny_config(tmp_path, tmp_path), stage / "config.yaml")
     # DeepSpeed absent, also when an earlier test of this process imported its submodules
-    for name in [name for name in sys.modules if name == "deepspeed" or name.startswith("deepspeed.")] + ["deepspeed"]:
+    for name in ["deepspeed", *(name for name in sys.modules if name.startswith("deepspeed."))]:
         monkeypatch.setitem(sys.modules, name, None)
     assert export_main([str(stage)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {engine}: a DeepSpeed checkpoint, and DeepSpeed is not "

@@ -134,7 +134,7 @@ class StageFolder:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
                   "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
                   "device": str(acc.device), "mixed_precision": acc.mixed_precision, **how}
-        set_aside_torn_line(self.path / "launches.jsonl", self.accelerator.print)
+        set_aside_torn_line(self.path / "launches.jsonl", acc.print)
         append_record(self.path / "launches.jsonl", record)
 
 
