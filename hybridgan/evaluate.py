@@ -67,7 +67,7 @@ from hybridgan.data.manifest import ManifestError, shard_urls
 from hybridgan.data.masks import apply_mask, make_masks
 from hybridgan.data.photo import PhotoError, open_photo, square_frame
 from hybridgan.data.preprocess import eval_face
-from hybridgan.distributed import mean_over_ranks
+from hybridgan.distributed import end_process_group, mean_over_ranks
 from hybridgan.inpaint import InpaintError, expand_photos, load_generator, resolve_export
 from hybridgan.metrics import METRICS, PSNR_CEILING, hole_box, hole_metrics, mean_fill
 from hybridgan.models import ContextEncoder
@@ -569,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         print(results_markdown(results))
         print(f"[evaluate] wrote {out}/eval.json, eval.md, figure.png, losses.png")
     accelerator.wait_for_everyone()
+    end_process_group()
     return 0
 
 

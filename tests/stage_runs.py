@@ -45,6 +45,19 @@ def run_stage(module: str, args: list[str], launcher: list[str] | None = None,
     return subprocess.run(command, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def failure(proc: subprocess.CompletedProcess, chars: int = 2500) -> str:
+    """A failed run's stderr for an assertion message. Under `accelerate launch` the last thing printed
+    is the launcher's own traceback, which names only each rank's exit code: the message is the end of
+    what the ranks printed before it (the real error), then the launcher's lines naming the exit codes."""
+    text = proc.stderr or ""
+    summary = text.find("ChildFailedError")
+    if summary < 0:
+        return text[-chars:]
+    cut = text.rfind("Traceback (most recent call last):", 0, summary)
+    exit_codes = [line.strip() for line in text[summary:].splitlines() if "exitcode" in line]
+    return "\n".join([text[:cut][-chars:], "[launcher] " + "; ".join(exit_codes)])
+
+
 def start_stage(module: str, args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
     """Start a stage in a process group of its own, so that a signal reaches every rank."""
     return subprocess.Popen([*(launcher or [sys.executable]), "-m", module, *args], cwd=REPO, env=stage_env(),

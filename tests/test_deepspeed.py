@@ -14,8 +14,8 @@ from hybridgan.config import save_config
 from hybridgan.export import main as export_main
 from hybridgan.session import TrainingError, require_deepspeed
 from hybridgan.train import EXPORT_NAME
-from stage_runs import (ACCELERATE, assert_same_weights, free_port, kill_after_checkpoint, latest_step, launches,
-                        read_records, run_stage)
+from stage_runs import (ACCELERATE, assert_same_weights, failure, free_port, kill_after_checkpoint, latest_step,
+                        launches, read_records, run_stage)
 
 
 def deepspeed_2_ranks(precision: str = "no") -> list[str]:
@@ -30,7 +30,7 @@ BASE = ["train.max_steps=6", "train.checkpoint_every=2", "train.batch_size=4", "
 def test_gan_training_under_deepspeed_zero2_with_one_engine_per_model_resumes_both_after_a_kill(tiny_shards, tmp_path):
     result = run_stage("hybridgan.train", tiny_args(tiny_shards, tmp_path, "run.name=whole", *BASE),
                        launcher=deepspeed_2_ranks())
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     reference = tmp_path / "whole" / "train-hybrid"
     [launch] = launches(reference)
     assert launch["world_size"] == 2 and launch["distributed_type"].endswith("DEEPSPEED")
@@ -50,7 +50,7 @@ def test_gan_training_under_deepspeed_zero2_with_one_engine_per_model_resumes_bo
     interrupted_at = latest_step(stage)
     assert 2 <= interrupted_at < 6
     resumed = run_stage("hybridgan.train", args, launcher=deepspeed_2_ranks())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert [r["start_step"] for r in launches(stage)] == [0, interrupted_at]
     assert_same_weights(reference / EXPORT_NAME, stage / EXPORT_NAME)
     later = [r for r in records if r["step"] > interrupted_at]
@@ -62,7 +62,7 @@ def test_bf16_zero2_steps_give_finite_float32_losses_without_deepspeed_noise(tin
     args = tiny_args(tiny_shards, tmp_path, "train.max_steps=2", "train.log_every=1", "train.batch_size=4",
                      "train.mixed_precision=bf16", "discriminator.from_scratch=true")
     result = run_stage("hybridgan.train", args, launcher=deepspeed_2_ranks("bf16"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     stage = tmp_path / "t" / "train-hybrid"
     [launch] = launches(stage)
     assert launch["world_size"] == 2 and launch["mixed_precision"] == "bf16"

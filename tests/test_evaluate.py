@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from stage_runs import free_port, run_stage
+from stage_runs import failure, free_port, run_stage
 from hybridgan.evaluate import BASELINE, TELEA, main
 from hybridgan.exports import save_export
 from hybridgan.metrics import METRICS
@@ -158,7 +158,7 @@ def test_two_ranks_give_the_single_process_numbers(evaluated, tiny_shards, tmp_p
     proc = run_stage("hybridgan.evaluate", [str(out.parent / "train-hybrid"), str(out.parent / "train-pathak"),
                                             "--cpu", "--batch-size", "3", "--out", str(tmp_path)],
                      launcher=launcher, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, failure(proc)
     double = json.loads((tmp_path / "eval.json").read_text())
     for one, two in zip(single["runs"], double["runs"]):
         assert (one["name"], one["n"]) == (two["name"], two["n"])
@@ -246,7 +246,7 @@ def test_two_ranks_give_the_single_process_perceptual_numbers(evaluated, standin
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
     proc = run_stage("hybridgan.evaluate", [*args, "--out", str(tmp_path / "two")], launcher=launcher, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, failure(proc)
     single, double = (strict_json((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
     for one, two in zip(single["runs"], double["runs"]):
         assert (one["name"], one["n"]) == (two["name"], two["n"]) and one["set_metrics"]["kid_subset"] == 4

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_args
 from hybridgan.inpaint import load_generator
-from stage_runs import read_records, run_stage
+from stage_runs import failure, read_records, run_stage
 
 ONE_STEP = ["train.max_steps=1", "train.log_every=1", "discriminator.from_scratch=true", "train.eval_every=0"]
 # the probability objective: an untrained U-Net's raw per-pixel scores are large, and their squares
@@ -24,7 +24,7 @@ def test_one_bf16_step_agrees_with_fp32(tiny_shards, tmp_path):
         args = tiny_args(tiny_shards, tmp_path, f"run.name=run-{precision}", f"train.mixed_precision={precision}",
                          *PRECISION_STEP)
         result = run_stage("hybridgan.train", args)
-        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.returncode == 0, failure(result)
         [record] = read_records(tmp_path / f"run-{precision}" / "train-hybrid", "train")
         losses[precision] = record
     fp32, bf16 = losses["no"], losses["bf16"]
@@ -47,7 +47,7 @@ def test_two_compiled_steps_agree_with_eager(tiny_shards, tmp_path):
         args = tiny_args(tiny_shards, tmp_path, f"run.name=compile-{compiled}", f"train.compile={compiled}",
                          "discriminator.kind=pathak", "train.max_steps=2", "train.log_every=1", "train.eval_every=0")
         result = run_stage("hybridgan.train", args)
-        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.returncode == 0, failure(result)
         records[compiled] = read_records(tmp_path / f"compile-{compiled}" / "train-pathak", "train")
     assert [r["step"] for r in records["true"]] == [1, 2]
     model, _ = load_generator(tmp_path / "compile-true" / "train-pathak" / "generator.safetensors", torch.device("cpu"))
@@ -66,7 +66,7 @@ def test_the_launchers_mixed_precision_is_honoured_for_auto_and_a_contradiction_
     launcher = [*ACCELERATE, "--quiet", "--num_processes", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
     args = tiny_args(tiny_shards, tmp_path, "train.mixed_precision=auto", *ONE_STEP)
     result = run_stage("hybridgan.train", args, launcher=launcher)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, failure(result)
     assert [launch["mixed_precision"] for launch in launches(tmp_path / "t" / "train-hybrid")] == ["bf16"]
 
     args = tiny_args(tiny_shards, tmp_path, "run.name=refused", "train.mixed_precision=no", *ONE_STEP)

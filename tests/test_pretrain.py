@@ -15,7 +15,7 @@ from hybridgan.exports import export_metadata, load_export
 from hybridgan.data.loader import batches_per_epoch
 from hybridgan.pretrain import BATCHNORM_BATCHES, EXPORT_NAME, pretrain
 from hybridgan.session import EXIT_REQUEUE
-from stage_runs import (accelerate_2_ranks, assert_same_weights, kill_after_checkpoint, latest_step,
+from stage_runs import (accelerate_2_ranks, assert_same_weights, failure, kill_after_checkpoint, latest_step,
                         launches, read_records, run_stage)
 
 # 64x64 is the smallest size where the blur survives the resize; a from-scratch ResNet50 learns it
@@ -128,7 +128,7 @@ def two_rank_run(tiny_shards, tmp_path_factory):
 
 def test_two_real_processes_share_gradients_and_only_rank0_writes(two_rank_run):
     root, result = two_rank_run
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     stage = root / "whole" / "pretrain"
     [launch] = launches(stage)
     assert launch["world_size"] == 2 and "MULTI_CPU" in launch["distributed_type"]
@@ -141,14 +141,14 @@ def test_two_real_processes_share_gradients_and_only_rank0_writes(two_rank_run):
 def test_two_ranks_killed_and_resumed_give_the_uninterrupted_epoch_means_and_weights(two_rank_run, tiny_shards,
                                                                                      tmp_path):
     root, whole = two_rank_run
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.returncode == 0, failure(whole)
     args = tiny_args(tiny_shards, tmp_path, "run.name=killed", *TWO_RANKS)
     stage = tmp_path / "killed" / "pretrain"
     kill_after_checkpoint("hybridgan.pretrain", args, stage, min_step=3, launcher=accelerate_2_ranks())
     interrupted_at = latest_step(stage)
     assert 3 <= interrupted_at < 32 and interrupted_at % 16 != 0, "the kill must fall inside an epoch"
     resumed = run_stage("hybridgan.pretrain", args, launcher=accelerate_2_ranks())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert [r["world_size"] for r in launches(stage)] == [2, 2]
     reference = root / "whole" / "pretrain"
     assert read_records(stage, "epoch") == read_records(reference, "epoch")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import REPO, SMOKE, TINY_OVERRIDES
 from hybridgan.report import table1, table2
-from stage_runs import stage_env
+from stage_runs import failure, stage_env
 
 
 def reproduce(tmp_path, *extra: str) -> subprocess.CompletedProcess:
@@ -25,7 +25,7 @@ def reproduce(tmp_path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_chain_writes_the_report_from_the_runs_and_resumes(tmp_path):
     first = reproduce(tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, failure(first)
     folder = tmp_path / "runs" / "t"
     assert first.stdout.strip().splitlines()[-1].endswith(f"report at {folder / 'report.md'}")
     report = (folder / "report.md").read_text()
@@ -44,7 +44,7 @@ def test_chain_writes_the_report_from_the_runs_and_resumes(tmp_path):
         assert curves.width > 300 and curves.height > 200
 
     again = reproduce(tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, failure(again)
     assert (folder / "report.md").read_text().split("## Stages")[0] == report.split("## Stages")[0]
 
     changed = reproduce(tmp_path, "train.lr=0.0004")

@@ -15,7 +15,7 @@ from hybridgan.data.loader import LoaderError, SplitLoader, augmentation, train_
 from hybridgan.data.preprocess import crop_side, face_pixels
 from hybridgan.data.resident import PillowBilinear, ResidentLoader, check_device_memory
 from hybridgan.train import train
-from stage_runs import accelerate_2_ranks, launches, read_records, run_stage
+from stage_runs import accelerate_2_ranks, failure, launches, read_records, run_stage
 
 CROP = "data.crop_fraction=0.9375"  # random crops at 17 offsets per axis (the tiny config crops nothing)
 
@@ -151,7 +151,7 @@ def test_two_real_ranks_train_alike_on_resident_and_worker_batches(tiny_shards, 
                          "train.max_steps=4", "data.workers=2", f"run.name={name}",
                          f"data.resident={str(resident).lower()}")
         result = run_stage("hybridgan.train", args, launcher=accelerate_2_ranks())
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, failure(result)
         stage = tmp_path / name / "train-pathak"
         assert [launch["world_size"] for launch in launches(stage)] == [2]
         return result, read_records(stage, "train"), load_file(str(stage / "generator.safetensors"))

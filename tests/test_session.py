@@ -25,15 +25,15 @@ from hybridgan.config import load_config, scaled_lr
 from hybridgan.pretrain import pretrain
 from hybridgan.session import EXIT_REQUEUE, TrainingError, TrainingSession, build_adam, stage_lr
 from hybridgan.train import GanTraining, train
-from stage_runs import (REPO, accelerate_2_ranks, kill_after_checkpoint, latest_step, launches, read_records,
-                        run_stage, stage_env, wait_for)
+from stage_runs import (REPO, accelerate_2_ranks, failure, kill_after_checkpoint, latest_step, launches,
+                        read_records, run_stage, stage_env, wait_for)
 
 SHORT = ["pretrain.max_steps=4", "pretrain.checkpoint_every=2", "pretrain.eval_batches=0"]
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert result.returncode == 1 and lines and lines[-1].startswith("error: "), failure(result)
     assert "Traceback" not in result.stderr
     return lines[-1]
 
@@ -59,7 +59,7 @@ def test_a_second_process_on_a_busy_stage_folder_is_refused_naming_the_holder(ti
     try:
         # the kernel released the killed holder's lock, its living child holds nothing: no stale lock
         after = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, *SHORT))
-        assert after.returncode == 0, after.stderr[-2000:]
+        assert after.returncode == 0, failure(after)
         assert latest_step(stage) == 4
     finally:
         assert int(child) > 0
@@ -167,7 +167,7 @@ def test_one_and_two_ranks_take_the_same_steps_per_epoch_and_resume_onto_two_ran
     stage = tmp_path / "t" / "pretrain"
     resumed = run_stage("hybridgan.pretrain", tiny_args(tiny_shards, tmp_path, "pretrain.checkpoint_every=2",
                                                         "pretrain.eval_batches=0"), launcher=accelerate_2_ranks())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     first, second = launches(stage)
     assert (first["world_size"], first["batch_size_per_rank"], first["total_steps"]) == (1, 8, 4)
     assert (second["world_size"], second["batch_size_per_rank"], second["total_steps"]) == (2, 4, 8)
@@ -244,7 +244,7 @@ def test_two_ranks_checkpoint_the_same_step_when_only_rank_0s_clock_says_it_is_d
                      "pretrain.checkpoint_every_minutes=1", "pretrain.eval_batches=0")
     result = subprocess.run([*accelerate_2_ranks(), str(REPO / "tests" / "clock_on_rank0.py"), *args], cwd=REPO,
                             env=stage_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     stage = tmp_path / "t" / "pretrain"
     assert [record["world_size"] for record in launches(stage)] == [2]
     assert _checkpoint_steps(stage) == [4, 8]

@@ -8,14 +8,14 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_args
-from stage_runs import run_stage
+from stage_runs import failure, run_stage
 
 
 @pytest.mark.slow
 def test_a_beta_sweep_trains_each_value_and_the_no_d_reference_and_draws_the_frontier(tiny_shards, tmp_path):
     args = tiny_args(tiny_shards, tmp_path, "train.max_steps=2", "loss.adversarial=lsgan")
     result = run_stage("hybridgan.sweep", ["--kind", "pathak", "--values", "0.001,0.1", *args])
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, failure(result)
     folder = tmp_path / "t" / "sweep-loss.beta"
     for stage in ("none/train-none", "0.001/train-pathak", "0.1/train-pathak"):
         assert (folder / stage / "generator.safetensors").is_file()

@@ -22,7 +22,7 @@ from hybridgan.session import TrainingError, TrainingSession
 from hybridgan.models import build_discriminator, build_generator, model_summary
 from hybridgan.models.layers import WholeInputConv2d, WholeOutputConvTranspose2d
 from hybridgan.train import EXPORT_NAME, GanTraining, judging_only, train
-from stage_runs import (accelerate_2_ranks, assert_same_weights, kill_after_checkpoint, latest_step,
+from stage_runs import (accelerate_2_ranks, assert_same_weights, failure, kill_after_checkpoint, latest_step,
                         launches, read_records, run_stage, stage_env)
 
 TABLE2 = ("gen_adv_loss", "gen_pixel_loss", "disc_loss")
@@ -313,7 +313,7 @@ def test_two_real_processes_sync_both_models_on_disjoint_samples(tiny_shards, tm
     probe = [*accelerate_2_ranks(), str(REPO / "tests" / "ddp_probe.py"), str(tmp_path), "--config", str(SMOKE),
              *overrides]
     result = subprocess.run(probe, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"]) and len(ranks[0]["keys"]) == 8
@@ -325,7 +325,7 @@ def test_two_real_processes_sync_both_models_on_disjoint_samples(tiny_shards, tm
 def test_two_process_training_writes_from_rank0_only(tiny_shards, tmp_path):
     args = tiny_args(tiny_shards, tmp_path, "train.max_steps=4", "discriminator.from_scratch=true")
     result = run_stage("hybridgan.train", args, launcher=accelerate_2_ranks())
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     stage = tmp_path / "t" / "train-hybrid"
     assert launches(stage)[0]["world_size"] == 2
     assert len(list((stage / "tb").glob("events.out.tfevents.*"))) == 1

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from hybridgan.config import Config, add_config_arguments, cli_parser, config_from_args
 from hybridgan.core.errors import TrainingError
+from hybridgan.distributed import end_process_group
 
 STAGE_EXAMPLES = {
     "hybridgan.pretrain": ["python -m hybridgan.pretrain --config configs/paper.yaml",
@@ -42,3 +43,4 @@ def run_stage_cli(stage: Callable[[Config], Any], description: str, argv: list[s
         lines = str(err).strip().splitlines() or [type(err).__name__]
         print(f"error: {lines[-1]}", file=sys.stderr)
         sys.exit(1)
+    end_process_group()
