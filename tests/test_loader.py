@@ -242,14 +242,14 @@ def test_training_and_evaluation_share_the_pixel_path(shards, monkeypatch):
 @pytest.mark.slow
 def test_two_real_ranks_see_every_training_key_once_per_epoch(shards, tmp_path):
     from stage_runs import REPO as ROOT
-    from stage_runs import accelerate_2_ranks, stage_env
+    from stage_runs import accelerate_2_ranks, failure, stage_env
 
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     cfg = _cfg(shards)
     command = [*accelerate_2_ranks(), str(probe), str(shards), str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in reports] == [2, 2]
     keys = reports[0]["keys"] + reports[1]["keys"]
@@ -263,6 +263,7 @@ import json, sys
 from accelerate import Accelerator
 from hybridgan.config import load_config
 from hybridgan.data.loader import SplitLoader
+from hybridgan.distributed import end_process_group
 
 acc = Accelerator(cpu=True)
 cfg = load_config(None, [f"data.shards={sys.argv[1]}", "data.image_size=32", "mask.hole_size=16",
@@ -271,6 +272,7 @@ loader = SplitLoader(cfg, "train", batch_size=4, rank=acc.process_index, world_s
 steps = [batch["key"] for batch in loader(0)]
 out = {"world_size": acc.num_processes, "steps": steps, "keys": [k for s in steps for k in s]}
 open(f"{sys.argv[2]}/rank{acc.process_index}.json", "w").write(json.dumps(out))
+end_process_group()
 """
 
 
