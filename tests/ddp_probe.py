@@ -14,6 +14,7 @@ import torch
 
 from hybridgan.config import load_config
 from hybridgan.data.loader import make_loader
+from hybridgan.distributed import end_process_group
 from hybridgan.pretrain import BlurPretraining
 from hybridgan.session import TrainingSession
 from hybridgan.train import GanTraining
@@ -43,6 +44,7 @@ def main() -> None:
               "gen": digest(gan.gen), "disc": digest(gan.disc), "changed": [before[0] != digest(gan.gen),
                                                                             before[1] != digest(gan.disc)]}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -146,3 +146,41 @@ def test_the_console_script_names_an_unknown_stage_and_lists_the_stages(capsys):
     assert cli.main([]) == 2
     usage = capsys.readouterr().err.splitlines()
     assert usage[0] == "usage: hybridgan STAGE [arguments ...]" and "  train      train the generator against a discriminator" in usage
+
+
+def test_a_stage_command_ends_its_process_group_after_success_only(monkeypatch, capsys):
+    """Success: the group is destroyed (gloo left to the interpreter's exit can abort a finished rank).
+    Failure: it is not (another rank may still be inside a collective); the error stays one line."""
+    from hybridgan.core import cli as stage_cli
+    from hybridgan.core.errors import TrainingError
+
+    ended: list[str] = []
+    monkeypatch.setattr(stage_cli, "end_process_group", lambda: ended.append("ended"))
+    seen: list[int] = []
+
+    def succeeds(cfg: Config) -> None:
+        seen.append(cfg.train.epochs)
+
+    def fails(cfg: Config) -> None:
+        raise TrainingError("runs/x/train-hybrid: broken")
+
+    stage_cli.run_stage_cli(succeeds, "a stage", ["train.epochs=5"])
+    assert seen == [5] and ended == ["ended"]
+    with pytest.raises(SystemExit) as exit_:
+        stage_cli.run_stage_cli(fails, "a stage", [])
+    assert exit_.value.code == 1 and ended == ["ended"]
+    assert capsys.readouterr().err == "error: runs/x/train-hybrid: broken\n"
+
+
+def test_end_process_group_destroys_a_real_group_and_is_a_no_op_without_one():
+    import torch.distributed as dist
+
+    from hybridgan.distributed import end_process_group
+    from stage_runs import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    end_process_group()
+    assert not dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()
