@@ -53,7 +53,8 @@ def failure(proc: subprocess.CompletedProcess, chars: int = 2500) -> str:
     summary = text.find("ChildFailedError")
     if summary < 0:
         return text[-chars:]
-    cut = text.rfind("Traceback (most recent call last):", 0, summary)
+    traceback = text.rfind("Traceback (most recent call last):", 0, summary)
+    cut = traceback if traceback >= 0 else summary
     exit_codes = [line.strip() for line in text[summary:].splitlines() if "exitcode" in line]
     return "\n".join([text[:cut][-chars:], "[launcher] " + "; ".join(exit_codes)])
 
